@@ -1,0 +1,52 @@
+# The README's commands. Everything builds from scratch into .venv on a fresh machine.
+#   make demo    set up, then run a NonLocal3d block on the best backend against the reference
+#   make test    set up, then run the whole test suite (Python + C++ via ctest)
+#   make bench   set up, then the quick benchmark (tables and plots in benchmarks/out/)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# pip takes torch 2.14.1 (a CUDA 13.0 build) from the machine's cache when it has one.
+TORCH_SPEC ?= torch>=2.4
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+export NONLOCAL_KERNELS_EMU ?= 1
+
+.PHONY: setup deps build test test-py test-cpp demo bench clean
+
+setup: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: $(PY) pyproject.toml
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)" ninja numpy pytest pytest-benchmark matplotlib setuptools wheel
+	touch $@
+
+deps: $(VENV)/.deps
+
+# Rebuilds when a C++/CUDA source changes (ninja makes the rebuild incremental).
+$(VENV)/.built: $(VENV)/.deps $(CSRC) pyproject.toml
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test-py: build
+	NONLOCAL_KERNELS_POISON=1 $(PY) -m pytest tests -q
+
+test-cpp: build
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build-cmake -j2
+	ctest --test-dir build-cmake --output-on-failure
+
+test: test-cpp test-py
+
+demo: build
+	$(PY) -m nonlocal_kernels.demo
+
+bench: build
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf build build-cmake *.egg-info nonlocal_kernels/*.so $(VENV)/.built

@@ -1,0 +1,7 @@
+"""Backends: the registry and one module per backend. Importing this registers them all."""
+
+from . import registry
+from . import reference  # noqa: F401  (registers "reference")
+from .registry import available_backends
+
+__all__ = ["registry", "available_backends"]

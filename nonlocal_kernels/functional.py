@@ -1,0 +1,127 @@
+"""nonlocal_attention(): the public operator. Validates, flattens batch dims, dispatches."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .backends import registry
+from .backends.registry import FLOAT_DTYPES, MODES, SOFTMAX_MODES
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    for name, t in (("theta", theta), ("phi", phi), ("g", g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype (float64, float32, float16, "
+                            f"bfloat16), got {t.dtype}")
+        if t.dim() < 3:
+            want = {"theta": "(B, N, dk)", "phi": "(B, M, dk)", "g": "(B, M, dv)"}[name]
+            raise ValueError(f"{name}: expected shape {want} with optional extra leading batch "
+                             f"dims, got {_shape(t)} ({t.dim()}-D)")
+    for name, t in (("phi", phi), ("g", g)):
+        if t.device != theta.device:
+            raise ValueError(f"{name}: expected device {theta.device} like theta, got {t.device}")
+        if t.dtype != theta.dtype:
+            raise TypeError(f"{name}: expected dtype {theta.dtype} like theta, got {t.dtype}")
+    batch = theta.shape[:-2]
+    N, dk = theta.shape[-2:]
+    M = phi.shape[-2]
+    if phi.shape[:-2] != batch or phi.shape[-1] != dk:
+        raise ValueError(f"phi: expected shape ({', '.join(map(str, batch))}, M, {dk}) to match "
+                         f"theta {_shape(theta)} in batch dims and dk, got {_shape(phi)}")
+    if g.shape[:-2] != batch or g.shape[-2] != M:
+        raise ValueError(f"g: expected shape ({', '.join(map(str, batch))}, {M}, dv) to match "
+                         f"theta's batch dims and phi's M, got {_shape(g)}")
+    if M == 0:
+        raise ValueError(f"phi: M (number of key positions) must be >= 1, got phi {_shape(phi)}")
+    if dk == 0:
+        raise ValueError(f"theta: dk (last dim) must be >= 1, got theta {_shape(theta)}")
+
+    if mode in SOFTMAX_MODES:
+        if scale is None:
+            scale = 1.0
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale}")
+    elif scale is not None:
+        raise ValueError(f"scale: applies to the softmax modes only; mode {mode!r} divides by M "
+                         f"(pass scale=None)")
+    if return_lse and mode not in SOFTMAX_MODES:
+        raise ValueError(f"return_lse: only the softmax modes have an lse, not mode {mode!r}")
+
+    if mode == "concatenation":
+        if concat_weight is None:
+            raise ValueError(f"concat_weight: mode 'concatenation' needs concat_weight of shape "
+                             f"({2 * dk},) = [w_theta, w_phi]")
+        if not isinstance(concat_weight, torch.Tensor):
+            raise TypeError(f"concat_weight: expected a torch.Tensor, got "
+                            f"{type(concat_weight).__name__}")
+        if concat_weight.shape != (2 * dk,):
+            raise ValueError(f"concat_weight: expected shape ({2 * dk},) = [w_theta, w_phi] for "
+                             f"dk = {dk}, got {_shape(concat_weight)}")
+        if concat_weight.device != theta.device:
+            raise ValueError(f"concat_weight: expected device {theta.device} like theta, got "
+                             f"{concat_weight.device}")
+        if concat_weight.dtype != theta.dtype:
+            raise TypeError(f"concat_weight: expected dtype {theta.dtype} like theta, got "
+                            f"{concat_weight.dtype}")
+    elif concat_weight is not None:
+        raise ValueError(f"concat_weight: only mode 'concatenation' takes it, not {mode!r}")
+    return scale
+
+
+def _flatten_batch(t: torch.Tensor) -> torch.Tensor:
+    # 3-D stays a view with its own strides; more batch dims are merged (a view when possible).
+    return t if t.dim() == 3 else t.reshape((-1,) + tuple(t.shape[-2:]))
+
+
+def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *,
+                       mode: str = "embedded_gaussian", scale: Optional[float] = None,
+                       concat_weight: Optional[torch.Tensor] = None, backend: str = "auto",
+                       return_lse: bool = False):
+    """Non-local aggregation y_i = sum_j f(theta_i, phi_j) g_j / C.
+
+    theta (..., N, dk), phi (..., M, dk), g (..., M, dv) -> y (..., N, dv), same dtype/device.
+
+    - ``embedded_gaussian`` / ``gaussian``: y = softmax_rows(scale * theta phi^T) g, scale 1.0
+      by default; ``return_lse=True`` also returns lse (..., N) = logsumexp_j(scale theta_i.phi_j)
+      in float32 (float64 for float64 inputs).
+    - ``dot_product``: y = (theta phi^T) g / M.
+    - ``concatenation``: y_i = (1/M) sum_j ReLU(theta_i.w_theta + phi_j.w_phi) g_j with
+      concat_weight = [w_theta, w_phi] of shape (2 dk,).
+
+    ``backend``: "auto" or a name from :func:`available_backends`. The computation runs in the
+    input dtype (autocast does not change it; kernels accumulate in float32).
+    """
+    scale = _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend)
+    batch, N, dv = theta.shape[:-2], theta.shape[-2], g.shape[-1]
+    t3, p3, g3 = _flatten_batch(theta), _flatten_batch(phi), _flatten_batch(g)
+    if N == 0 or dv == 0 or math.prod(batch) == 0:
+        # Empty result: the reference computes it for free and keeps the autograd graph.
+        chosen = registry.get("reference")
+    else:
+        chosen = registry.select(backend, t3, p3, g3, mode)
+    with torch.autocast(theta.device.type, enabled=False):
+        out = chosen.run(t3, p3, g3, mode=mode, scale=scale, concat_weight=concat_weight,
+                         return_lse=return_lse)
+    if return_lse:
+        y, lse = out
+        return y.reshape(batch + (N, dv)), lse.reshape(batch + (N,))
+    return out.reshape(batch + (N, dv))

@@ -1,0 +1,99 @@
+"""Build of nonlocal_kernels._C (and the test-only nonlocal_kernels._C_emu).
+
+    pip install --no-build-isolation -e .
+
+- C++ sources always: csrc/ops.cpp and csrc/cpu/*.cpp.
+- CUDA sources (csrc/cuda/*.cu, csrc/cuda/*.cpp) when nvcc is found (CUDA_HOME, else
+  /usr/local/cuda) and torch was built with CUDA. NONLOCAL_KERNELS_CUDA=0/1 forces either way.
+  TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible.
+- NONLOCAL_KERNELS_EMU=1 also builds nonlocal_kernels._C_emu from csrc/emu/*.cpp: the CUDA
+  kernel sources compiled by the host compiler against csrc/emu/cuda_emu.h (tests only).
+- NONLOCAL_KERNELS_WERROR=1 turns warnings in our own sources into errors (CI).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    if v not in ("0", "1"):
+        sys.exit(f"{name} must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    werror = ["-Werror"] if _env_flag("NONLOCAL_KERNELS_WERROR") else []
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + werror
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
+    define = [("NONLOCAL_KERNELS_PYTHON_MODULE", None), ("Py_LIMITED_API", "0x03090000")]
+
+    want_cuda = _env_flag("NONLOCAL_KERNELS_CUDA")
+    cuda_home = _cuda_home()
+    cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+    can_cuda = cuda_home is not None and torch.version.cuda is not None
+    if want_cuda and not can_cuda:
+        sys.exit("NONLOCAL_KERNELS_CUDA=1 but nvcc (CUDA_HOME or /usr/local/cuda) or a CUDA "
+                 "build of torch is missing")
+    use_cuda = bool(cuda_sources) and (want_cuda if want_cuda is not None else can_cuda)
+
+    exts = []
+    if use_cuda:
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+        cpp_extension.CUDA_HOME = cuda_home
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        nvcc = ["-O3", "-lineinfo",
+                "-Xcompiler=-Wall", "--expt-relaxed-constexpr"]
+        if werror:
+            nvcc += ["-Werror=all-warnings", "-Xcompiler=-Werror"]
+        exts.append(cpp_extension.CUDAExtension(
+            "nonlocal_kernels._C", sources + cuda_sources, py_limited_api=True,
+            define_macros=define + [("NONLOCAL_KERNELS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common))
+    else:
+        exts.append(cpp_extension.CppExtension(
+            "nonlocal_kernels._C", sources, py_limited_api=True, define_macros=define,
+            extra_compile_args={"cxx": cxx}, **common))
+
+    emu_sources = _rel("csrc/emu/*.cpp")
+    if _env_flag("NONLOCAL_KERNELS_EMU") and emu_sources:
+        exts.append(cpp_extension.CppExtension(
+            "nonlocal_kernels._C_emu", emu_sources, py_limited_api=True,
+            define_macros=[("NONLOCAL_KERNELS_EMU_MODULE", None), ("Py_LIMITED_API", "0x03090000")],
+            extra_compile_args={"cxx": cxx + ["-DNONLOCAL_KERNELS_EMU"]}, **common))
+    return exts
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    )
+
+
+if __name__ == "__main__":
+    main()
