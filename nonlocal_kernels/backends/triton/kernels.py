@@ -1,0 +1,308 @@
+"""Triton kernels for the softmax family (DESIGN.md section 4).
+
+    y = softmax_rows(scale * theta phi^T) g,   lse_i = logsumexp_j(scale * theta_i . phi_j)
+
+Every tensor comes with its own strides (channels-first views are read in place) and every
+offset is computed in int64. Shapes (B, N, dk), (B, M, dk), (B, M, dv); program_id(0) walks the
+row tiles of one batch element, then the next batch element (no 65535 limit on B), and
+program_id(1) is a "part": a slice of the output columns (dv for y and dg, dk for dphi and
+dtheta) when a head dim is larger than what one program keeps in registers.
+
+Block sizes (all tl.constexpr, chosen by the launchers in ops.py):
+  BLOCK_M  query rows per tile, BLOCK_N key rows per tile,
+  BLOCK_K  dk chunk: S = theta phi^T is accumulated over NUM_K = cdiv(dk, BLOCK_K) chunks, and
+           the dphi / dtheta outputs are written in chunks of BLOCK_K columns (one per part),
+  BLOCK_V  dv chunk: y and dg are written in chunks of BLOCK_V columns (one per part), and
+           dP = dy g^T is accumulated over NUM_V = cdiv(dv, BLOCK_V) chunks.
+When NUM_K == 1 (resp. NUM_V == 1) the program loads its own theta/phi (resp. dy/g) tile once,
+outside the loop over the other side's tiles.
+
+Numerics: dot products accumulate in float32; probabilities use exp2 with log2(e) folded into
+``qk_scale = scale * log2(e)``; P and dS are rounded to the input dtype before the second dot
+product (as FlashAttention does); IEEE selects exact float32 dot products (else tf32 for float32
+inputs; 16-bit inputs always use their tensor-core path).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
+    """base[rows, cols] (int64 offsets), zero outside rows < n_rows and cols < n_cols."""
+    r = rows.to(tl.int64)
+    c = cols.to(tl.int64)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + r[:, None] * s_row + c[None, :] * s_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, val, rows, cols, s_row, s_col, n_rows, n_cols):
+    r = rows.to(tl.int64)
+    c = cols.to(tl.int64)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + r[:, None] * s_row + c[None, :] * s_col, val, mask=mask)
+
+
+@triton.jit
+def _scores(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, a_hold, DK,
+            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+            NUM_K: tl.constexpr, IEEE: tl.constexpr):
+    """a[a_rows, :] . b[b_rows, :]^T over the dk columns -> (BLOCK_A, BLOCK_B) float32.
+
+    With NUM_K == 1, ``a_hold`` is the a tile already loaded by the caller."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if NUM_K == 1:
+        bt = _load_tile(b_base, b_rows, offs_k, s_bn, s_bk, n_b, DK)
+        s = _dot(a_hold, tl.trans(bt), tl.zeros([BLOCK_A, BLOCK_B], tl.float32), IEEE)
+    else:
+        s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        for k0 in range(0, DK, BLOCK_K):
+            at = _load_tile(a_base, a_rows, k0 + offs_k, s_an, s_ak, n_a, DK)
+            bt = _load_tile(b_base, b_rows, k0 + offs_k, s_bn, s_bk, n_b, DK)
+            s = _dot(at, tl.trans(bt), s, IEEE)
+    return s
+
+
+# ------------------------------------------------------------------------------------------
+# Forward: y (B, N, dv) and lse (B, N) float32. Grid (B * cdiv(N, BLOCK_M), cdiv(dv, BLOCK_V)).
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def softmax_fwd_kernel(
+        TH, PH, G, Y, LSE,
+        s_tb, s_tn, s_tk, s_pb, s_pm, s_pk, s_gb, s_gm, s_gv, s_yb, s_yn, s_yv, s_lb, s_ln,
+        N, M, DK, DV, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    b = (pid // n_tiles).to(tl.int64)
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_v = part * BLOCK_V + tl.arange(0, BLOCK_V)
+    th = TH + b * s_tb
+    ph = PH + b * s_pb
+    gg = G + b * s_gb
+
+    q = th  # placeholder when the theta tile is not held
+    if NUM_K == 1:
+        q = _load_tile(th, offs_m, tl.arange(0, BLOCK_K), s_tn, s_tk, N, DK)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + offs_n0
+        s = _scores(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M, q, DK,
+                    BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE)
+        s = tl.where((offs_n < M)[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(gg, offs_n, offs_v, s_gm, s_gv, M, DV)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    y = acc / l_i[:, None]
+    _store_tile(Y + b * s_yb, y.to(Y.dtype.element_ty), offs_m, offs_v, s_yn, s_yv, N, DV)
+    lse = (m_i + tl.log2(l_i)) * LN2
+    tl.store(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, lse,
+             mask=(offs_m < N) & (part == 0))
+
+
+# ------------------------------------------------------------------------------------------
+# Backward preprocess: Dd (B, N) float32 = rowsum(dy * y). Grid (B * cdiv(N, BLOCK_M),).
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def softmax_bwd_pre_kernel(
+        DY, Y, Dd,
+        s_db, s_dn, s_dv, s_yb, s_yn, s_yv,
+        N, DV,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    b = (pid // n_tiles).to(tl.int64)
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for v0 in range(0, DV, BLOCK_V):
+        do = _load_tile(DY + b * s_db, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
+        o = _load_tile(Y + b * s_yb, offs_m, v0 + offs_v, s_yn, s_yv, N, DV)
+        acc += tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Dd + b * N + offs_m.to(tl.int64), acc, mask=offs_m < N)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward, key side: dphi (B, M, dk) and dg (B, M, dv), looping over query tiles.
+# Grid (B * cdiv(M, BLOCK_N), NUM_P) with NUM_P = max(NUM_K, NUM_V): part p writes dg columns
+# [p*BLOCK_V, (p+1)*BLOCK_V) when p < NUM_V and dphi columns [p*BLOCK_K, (p+1)*BLOCK_K) when
+# p < NUM_K; every part recomputes S (and dP when it writes dphi) for its key tile.
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m, offs_v, offs_ko,
+                 s_gm, s_gv, s_dn, s_dv, s_tn, s_tk, N, M, DK, DV,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 NUM_V: tl.constexpr, IEEE: tl.constexpr):
+    """dphi_acc += dS^T theta[:, this part's columns], dS^T = P^T * (dP^T - D)."""
+    # dP^T (BLOCK_N, BLOCK_M) = g dy^T over dv
+    if NUM_V == 1:
+        dpt = _dot(v_hold, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
+    else:
+        dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for v0 in range(0, DV, BLOCK_V):
+            vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
+            dot_ = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
+            dpt = _dot(vt, tl.trans(dot_), dpt, IEEE)
+    dst = pt * (dpt - di[None, :])
+    q = _load_tile(th, offs_m, offs_ko, s_tn, s_tk, N, DK)
+    return _dot(dst.to(q.dtype), q, dph_acc, IEEE)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward, key side: dphi (B, M, dk) and dg (B, M, dv), looping over query tiles.
+# Grid (B * cdiv(M, BLOCK_N), NUM_P) with NUM_P = max(NUM_K, NUM_V): part p writes dg columns
+# [p*BLOCK_V, (p+1)*BLOCK_V) when p < NUM_V and dphi columns [p*BLOCK_K, (p+1)*BLOCK_K) when
+# p < NUM_K; every part recomputes S (and dP when it writes dphi) for its key tile.
+# SPLIT = NUM_P > 1 (without it the part checks are compiled out).
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def softmax_bwd_kv_kernel(
+        TH, PH, G, DY, LSE, Dd, DPH, DG,
+        s_tb, s_tn, s_tk, s_pb, s_pm, s_pk, s_gb, s_gm, s_gv, s_db, s_dn, s_dv,
+        s_lb, s_ln, s_qb, s_qm, s_qk, s_eb, s_em, s_ev,
+        N, M, DK, DV, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, NUM_V: tl.constexpr,
+        SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    n_tiles = tl.cdiv(M, BLOCK_N)
+    b = (pid // n_tiles).to(tl.int64)
+    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_ko = part * BLOCK_K + offs_k   # this part's dphi columns
+    offs_vo = part * BLOCK_V + offs_v   # this part's dg columns
+    th = TH + b * s_tb
+    ph = PH + b * s_pb
+    gg = G + b * s_gb
+    dy = DY + b * s_db
+    lse_b = LSE + b * s_lb
+    dd_b = Dd + b * N
+
+    k_hold = ph  # placeholders when a tile is not held
+    v_hold = gg
+    if NUM_K == 1:
+        k_hold = _load_tile(ph, offs_n, offs_k, s_pm, s_pk, M, DK)
+    if NUM_V == 1:
+        v_hold = _load_tile(gg, offs_n, offs_v, s_gm, s_gv, M, DV)
+
+    dg_acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    dph_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < N
+        # S^T (BLOCK_N, BLOCK_M) and P^T = exp(S^T - lse); rows >= N get lse = +inf, so P = 0.
+        st = _scores(ph, s_pm, s_pk, offs_n, M, th, s_tn, s_tk, offs_m, N, k_hold, DK,
+                     BLOCK_N, BLOCK_M, BLOCK_K, NUM_K, IEEE)
+        lse2 = tl.load(lse_b + offs_m.to(tl.int64) * s_ln, mask=m_ok,
+                       other=float("inf")) * 1.4426950408889634
+        pt = tl.exp2(st * qk_scale - lse2[None, :])
+        di = tl.load(dd_b + offs_m.to(tl.int64), mask=m_ok, other=0.0)
+        do = dy  # placeholder when dy is not needed whole
+        if NUM_V == 1:
+            do = _load_tile(dy, offs_m, offs_v, s_dn, s_dv, N, DV)
+        if SPLIT:
+            if part < NUM_V:
+                do_p = _load_tile(dy, offs_m, offs_vo, s_dn, s_dv, N, DV)
+                dg_acc = _dot(pt.to(do_p.dtype), do_p, dg_acc, IEEE)
+            if part < NUM_K:
+                dph_acc = _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m,
+                                       offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk,
+                                       N, M, DK, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+        else:
+            dg_acc = _dot(pt.to(do.dtype), do, dg_acc, IEEE)
+            dph_acc = _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m,
+                                   offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk,
+                                   N, M, DK, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+
+    # Parts past NUM_V (NUM_K) have offs_vo (offs_ko) >= DV (DK): their stores are masked off.
+    _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_vo,
+                s_em, s_ev, M, DV)
+    _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n, offs_ko,
+                s_qm, s_qk, M, DK)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward, query side: dtheta (B, N, dk), looping over key tiles (no atomics).
+# Grid (B * cdiv(N, BLOCK_M), NUM_K): part p writes dtheta columns [p*BLOCK_K, (p+1)*BLOCK_K).
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def softmax_bwd_q_kernel(
+        TH, PH, G, DY, LSE, Dd, DTH,
+        s_tb, s_tn, s_tk, s_pb, s_pm, s_pk, s_gb, s_gm, s_gv, s_db, s_dn, s_dv,
+        s_lb, s_ln, s_qb, s_qn, s_qk,
+        N, M, DK, DV, qk_scale, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, NUM_V: tl.constexpr,
+        IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    b = (pid // n_tiles).to(tl.int64)
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_ko = part * BLOCK_K + offs_k
+    th = TH + b * s_tb
+    ph = PH + b * s_pb
+    gg = G + b * s_gb
+    dy = DY + b * s_db
+
+    q_hold = th  # placeholders when a tile is not held
+    do_hold = dy
+    if NUM_K == 1:
+        q_hold = _load_tile(th, offs_m, offs_k, s_tn, s_tk, N, DK)
+    if NUM_V == 1:
+        do_hold = _load_tile(dy, offs_m, offs_v, s_dn, s_dv, N, DV)
+    lse2 = tl.load(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, mask=m_ok,
+                   other=float("inf")) * 1.4426950408889634
+    di = tl.load(Dd + b * N + offs_m.to(tl.int64), mask=m_ok, other=0.0)
+
+    dq_acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + offs_n0
+        s = _scores(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M, q_hold, DK,
+                    BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE)
+        p = tl.where((offs_n < M)[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if NUM_V == 1:
+            vt = _load_tile(gg, offs_n, offs_v, s_gm, s_gv, M, DV)
+            dp = _dot(do_hold, tl.trans(vt), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for v0 in range(0, DV, BLOCK_V):
+                dot_ = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
+                vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
+                dp = _dot(dot_, tl.trans(vt), dp, IEEE)
+        ds = p * (dp - di[:, None])
+        kt = _load_tile(ph, offs_n, offs_ko, s_pm, s_pk, M, DK)
+        dq_acc = _dot(ds.to(kt.dtype), kt, dq_acc, IEEE)
+
+    _store_tile(DTH + b * s_qb, (dq_acc * scale).to(DTH.dtype.element_ty), offs_m, offs_ko,
+                s_qn, s_qk, N, DK)
