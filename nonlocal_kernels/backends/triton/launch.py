@@ -17,6 +17,7 @@ by (dk, dv, dtype, IEEE); under TRITON_INTERPRET=1 one small fixed configuration
 
 Knobs (read at call time, for experiments and tests):
   NONLOCAL_KERNELS_TRITON_AUTOTUNE=0       use the first (default) configuration, no tuning
+  NONLOCAL_KERNELS_TRITON_CONFIG=i         use candidate i of each kernel's list, no tuning
   NONLOCAL_KERNELS_TRITON_CAPS=fwd=128x256,kv=128x128,q=128x128   head-dim caps (k x v) per
                                            kernel for 16-bit inputs (float32 halves them on GPU)
 """
@@ -113,26 +114,46 @@ def _kernel(kernel: str, width: int):
         if kernel == "pre":
             return _JIT[kernel], {"BLOCK_M": INTERPRET_BLOCK}
         return _JIT[kernel], {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-    tune = _autotune_enabled()
     cls = 64 if width <= 64 else (128 if width <= 128 else 256)
-    key = (kernel, cls, tune)
+    forced = os.environ.get("NONLOCAL_KERNELS_TRITON_CONFIG", "").strip()
+    choice = int(forced) if forced else (None if _autotune_enabled() else 0)
+    key = (kernel, cls, choice)
     if key not in _AUTOTUNERS:
         if kernel == "pre":
             bm, nw = PRE_CONFIG
             configs = [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)]
         else:
             cands = GPU_CONFIGS[kernel][cls]
+            if choice is not None:
+                cands = [cands[choice]]
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-                       for bm, bn, nw, ns in (cands if tune else cands[:1])]
+                       for bm, bn, nw, ns in cands]
         _AUTOTUNERS[key] = triton.autotune(configs=configs, key=_TUNE_KEY if kernel != "pre"
                                            else ["DV"])(_JIT[kernel])
     return _AUTOTUNERS[key], {}
 
 
-def _launcher(kernel):
+def _launcher(kernel, like: torch.Tensor):
     if INTERPRET:
-        return kernel  # the interpreter runs the function eagerly; nothing to trace
+        # The interpreter runs the function eagerly on real tensors; with fake tensors (shape
+        # propagation, opcheck) only the outputs' metadata matters, so launch nothing.
+        if _is_fake(like):
+            return _NoLaunch()
+        return kernel
     return torch.library.wrap_triton(kernel)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return is_fake(t)
 
 
 def _new_output(shape, dtype, device) -> torch.Tensor:
@@ -164,7 +185,7 @@ def _softmax_fwd_impl(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
         return (B * triton.cdiv(N, meta["BLOCK_M"]), nv)
 
     with _device_ctx(theta):
-        _launcher(kern)[grid](
+        _launcher(kern, theta)[grid](
             theta, phi, g, y, lse,
             theta.stride(0), theta.stride(1), theta.stride(2),
             phi.stride(0), phi.stride(1), phi.stride(2),
@@ -190,7 +211,7 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
         # D = rowsum(dy * y)
         pre, extra = _kernel("pre", 0)
         pre_bv = min(max(16, _pow2(dv)), 128)
-        _launcher(pre)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]),)](
+        _launcher(pre, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]),)](
             dy, y, delta, dy.stride(0), dy.stride(1), dy.stride(2),
             y.stride(0), y.stride(1), y.stride(2), N, dv, BLOCK_V=pre_bv, **extra)
 
@@ -205,7 +226,7 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
         bk, bv, nk, nv = blocks("kv", dk, dv, theta.dtype)
         kern, extra = _kernel("kv", max(bk, bv))
         n_parts = max(nk, nv)
-        _launcher(kern)[lambda meta: (B * triton.cdiv(M, meta["BLOCK_N"]), n_parts)](
+        _launcher(kern, theta)[lambda meta: (B * triton.cdiv(M, meta["BLOCK_N"]), n_parts)](
             *common, dphi, dg, *in_strides,
             dphi.stride(0), dphi.stride(1), dphi.stride(2), dg.stride(0), dg.stride(1),
             dg.stride(2), *sizes,
@@ -214,7 +235,7 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
         # dtheta: one program per (query tile, dk part)
         bk, bv, nk, nv = blocks("q", dk, dv, theta.dtype)
         kern, extra = _kernel("q", max(bk, bv))
-        _launcher(kern)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]), nk)](
+        _launcher(kern, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]), nk)](
             *common, dtheta, *in_strides,
             dtheta.stride(0), dtheta.stride(1), dtheta.stride(2), *sizes,
             BLOCK_K=bk, BLOCK_V=bv, NUM_K=nk, NUM_V=nv, IEEE=ieee, **extra)
