@@ -38,13 +38,21 @@ def extension_unavailable_reason() -> Optional[str]:
     return None
 
 
+def _op_exists(qualname: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def kernel_unavailable_reason(dispatch_key: str, namespace: str = NAMESPACE) -> Optional[str]:
     """None when namespace::softmax_fwd/bwd both have a kernel for dispatch_key (e.g. "CPU")."""
     for op in ("softmax_fwd", "softmax_bwd"):
         qualname = f"{namespace}::{op}"
+        if not _op_exists(qualname):
+            return f"operator {qualname} is not registered"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):
-            if not hasattr(getattr(torch.ops, namespace), op):
-                return f"operator {qualname} is not registered"
             return f"operator {qualname} has no {dispatch_key} kernel in this build"
     return None
 
