@@ -7,6 +7,8 @@ on CUDA tensors, plus the `gpu` tests (bfloat16, large shapes, TF32, torch.compi
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +152,25 @@ def test_registration():
         assert registry.select("auto", theta, phi, g, "embedded_gaussian").name != "triton"
 
 
+def test_kernels_compile_for_gpu_targets():
+    # The interpreter never lowers the kernels; compile them for sm_80 and sm_90 (no GPU needed)
+    # with the default configurations, as launches on these head dims would.
+    if HAS_CUDA:
+        pytest.skip("on a GPU every other test compiles the kernels for real")
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "nonlocal_kernels.backends.triton.compile_check", "--arch",
+           "80,90", "--dtype", "bfloat16,float32", "--dims", "256x256,1024x512,24x40"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
+
+
 # ------------------------------------------------------------------------------------------
 # GPU only (scripts/gpu_check.sh)
 # ------------------------------------------------------------------------------------------
@@ -185,13 +206,17 @@ def test_exact_fp32_without_tf32_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("width", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (1024, 512)],
+                         ids=lambda d: f"{d[0]}x{d[1]}")
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
-def test_every_gpu_config(monkeypatch, width, index):
-    # Each autotuning candidate of each width class, forced, against the oracle.
+def test_every_gpu_config(monkeypatch, dims, dtype, index):
+    # Each autotuning candidate (of the width class these head dims use), forced, against the
+    # oracle. Lists shorter than 4 repeat their last candidate.
     monkeypatch.setenv("NONLOCAL_KERNELS_TRITON_CONFIG", str(index))
-    d = width
-    check(2, 300, 213, d, d, dtype=torch.bfloat16, layout="channels_first", scale=d ** -0.5)
+    dk, dv = dims
+    check(2, 300, 213, dk, dv, dtype=dtype, layout="channels_first", scale=dk ** -0.5)
 
 
 @pytest.mark.gpu

@@ -118,7 +118,7 @@ def softmax_fwd_kernel(
 
     y = acc / l_i[:, None]
     _store_tile(Y + b * s_yb, y.to(Y.dtype.element_ty), offs_m, offs_v, s_yn, s_yv, N, DV)
-    lse = (m_i + tl.log2(l_i)) * LN2
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2)
     tl.store(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, lse,
              mask=(offs_m < N) & (part == 0))
 

@@ -18,8 +18,8 @@ by (dk, dv, dtype, IEEE); under TRITON_INTERPRET=1 one small fixed configuration
 Knobs (read at call time, for experiments and tests):
   NONLOCAL_KERNELS_TRITON_AUTOTUNE=0       use the first (default) configuration, no tuning
   NONLOCAL_KERNELS_TRITON_CONFIG=i         use candidate i of each kernel's list, no tuning
-  NONLOCAL_KERNELS_TRITON_CAPS=fwd=128x256,kv=128x128,q=128x128   head-dim caps (k x v) per
-                                           kernel for 16-bit inputs (float32 halves them on GPU)
+  NONLOCAL_KERNELS_TRITON_CAPS=fwd=128x256,kv=256x256,q=256x256   head-dim caps (k x v) per
+                                           kernel, for every dtype (default: GPU_CAPS)
 """
 
 import contextlib
@@ -40,36 +40,57 @@ def interpreting() -> bool:
 
 INTERPRET = interpreting()  # @triton.jit decided this at import time too
 
-# Head-dim caps (BLOCK_K cap, BLOCK_V cap) per kernel for 16-bit inputs on the GPU; see the
-# module docstring. Under the interpreter small caps make the tests exercise the chunked paths.
-GPU_CAPS = {"fwd": (128, 256), "kv": (128, 128), "q": (128, 128)}
+# Head-dim caps (BLOCK_K cap, BLOCK_V cap) per kernel on the GPU, for 16-bit and float32
+# inputs; see the module docstring. Under the interpreter small caps make the tests exercise
+# the chunked and split paths on tiny shapes.
+GPU_CAPS = {
+    "16bit": {"fwd": (128, 256), "kv": (256, 256), "q": (256, 256)},
+    # float32 tiles take twice the registers, and exact (IEEE) float32 dot products run on FMA
+    # units, whose operands live in registers: smaller chunks keep them from spilling.
+    "float32": {"fwd": (64, 128), "kv": (32, 32), "q": (32, 32)},
+}
 INTERPRET_CAPS = {"fwd": (32, 32), "kv": (32, 32), "q": (32, 32)}
 INTERPRET_BLOCK = 16  # BLOCK_M = BLOCK_N under the interpreter
 
 # Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and width class
-# W = max(BLOCK_K, BLOCK_V) in {64 (and below), 128, 256}. The first one is the default.
+# W = max(BLOCK_K, BLOCK_V) in {64 (and below), 128, 256}. The first one is the default (no
+# autotuning). Checked for register spills on sm_90 with
+# `python -m nonlocal_kernels.backends.triton.compile_check --all-configs` (docs/triton.md).
 GPU_CONFIGS = {
-    "fwd": {
-        64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
-        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    "16bit": {
+        "fwd": {
+            64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
+            128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+            256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        },
+        "kv": {
+            64: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)],
+            128: [(64, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
+            256: [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2)],
+        },
+        "q": {
+            64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+            128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+            256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2)],
+        },
     },
-    "kv": {
-        64: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)],
-        128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
-        256: [(32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 32, 4, 2)],
-    },
-    "q": {
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
-        128: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+    "float32": {  # the same list for every width class (the caps keep W <= 128)
+        "fwd": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+        "kv": [(16, 32, 4, 2), (32, 32, 4, 2)],
+        "q": [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2), (64, 32, 4, 2)],
     },
 }
 PRE_CONFIG = (64, 4)  # preprocess: BLOCK_M, num_warps
+PRE_BLOCK_V = 64
 
 _JIT = {"fwd": K.softmax_fwd_kernel, "kv": K.softmax_bwd_kv_kernel, "q": K.softmax_bwd_q_kernel,
         "pre": K.softmax_bwd_pre_kernel}
-_TUNE_KEY = ["DK", "DV", "IEEE"]  # Triton adds the dtypes of the tensor arguments
+# Triton adds the dtypes of the tensor arguments; BLOCK_K / BLOCK_V follow from (dk, dv, dtype)
+# and the caps, and are in the key so that changing the caps never reuses a stale choice.
+_TUNE_KEY = ["DK", "DV", "IEEE", "BLOCK_K", "BLOCK_V"]
+# Problems smaller than this (B * N * M) run the default configuration without tuning, so a
+# warm-up on a tiny input never decides the configuration of the real one.
+TUNE_MIN_WORK = 1 << 22
 _AUTOTUNERS: dict = {}
 
 
@@ -81,17 +102,28 @@ def caps(kernel: str, dtype: torch.dtype) -> tuple:
     """(BLOCK_K cap, BLOCK_V cap) for a kernel ("fwd", "kv", "q")."""
     if INTERPRET:
         return INTERPRET_CAPS[kernel]
-    table = dict(GPU_CAPS)
+    table = dict(GPU_CAPS[_size_class(dtype)])
     spec = os.environ.get("NONLOCAL_KERNELS_TRITON_CAPS", "").strip()
-    if spec:
+    if spec:  # e.g. "fwd=128x256,kv=128x128": applies to every dtype
         for item in spec.split(","):
             name, _, kv = item.partition("=")
             kc, _, vc = kv.partition("x")
-            table[name.strip()] = (int(kc), int(vc))
-    kc, vc = table[kernel]
-    if dtype == torch.float32:  # twice the bytes per element: halve the tiles held
-        kc, vc = max(16, kc // 2), max(16, vc // 2)
-    return kc, vc
+            table[name.strip()] = (max(16, _pow2(int(kc))), max(16, _pow2(int(vc))))
+    return table[kernel]
+
+
+def _size_class(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "16bit"
+
+
+def width_class(width: int) -> int:
+    return 64 if width <= 64 else (128 if width <= 128 else 256)
+
+
+def candidates(kernel: str, dtype: torch.dtype, width: int) -> list:
+    """Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), default first."""
+    table = GPU_CONFIGS[_size_class(dtype)][kernel]
+    return table[width_class(width)] if isinstance(table, dict) else table
 
 
 def blocks(kernel: str, dk: int, dv: int, dtype: torch.dtype) -> tuple:
@@ -106,26 +138,27 @@ def _autotune_enabled() -> bool:
     return os.environ.get("NONLOCAL_KERNELS_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
-def _kernel(kernel: str, width: int):
+def _kernel(kernel: str, dtype: torch.dtype, width: int, work: int):
     """(launchable kernel, extra kwargs). Interpreter: the jit function with fixed blocks.
     GPU: a triton.autotune over the candidates of the width class (a single config, so no
-    benchmarking, when autotuning is off)."""
+    benchmarking, when autotuning is off or the problem has fewer than TUNE_MIN_WORK
+    B*N*M entries)."""
     if INTERPRET:
         if kernel == "pre":
             return _JIT[kernel], {"BLOCK_M": INTERPRET_BLOCK}
         return _JIT[kernel], {"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}
-    cls = 64 if width <= 64 else (128 if width <= 128 else 256)
     forced = os.environ.get("NONLOCAL_KERNELS_TRITON_CONFIG", "").strip()
-    choice = int(forced) if forced else (None if _autotune_enabled() else 0)
-    key = (kernel, cls, choice)
+    tune = _autotune_enabled() and work >= TUNE_MIN_WORK
+    choice = int(forced) if forced else (None if tune else 0)
+    cands = candidates(kernel, dtype, width) if kernel != "pre" else [None]
+    if choice is not None:
+        cands = [cands[min(choice, len(cands) - 1)]]
+    key = (kernel, tuple(cands))
     if key not in _AUTOTUNERS:
         if kernel == "pre":
             bm, nw = PRE_CONFIG
             configs = [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)]
         else:
-            cands = GPU_CONFIGS[kernel][cls]
-            if choice is not None:
-                cands = [cands[choice]]
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
                        for bm, bn, nw, ns in cands]
         _AUTOTUNERS[key] = triton.autotune(configs=configs, key=_TUNE_KEY if kernel != "pre"
@@ -179,7 +212,7 @@ def _softmax_fwd_impl(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
     y = _new_output((B, N, dv), g.dtype, theta.device)
     lse = _new_output((B, N), torch.float32, theta.device)
     bk, bv, nk, nv = blocks("fwd", dk, dv, theta.dtype)
-    kern, extra = _kernel("fwd", max(bk, bv))
+    kern, extra = _kernel("fwd", theta.dtype, max(bk, bv), B * N * M)
 
     def grid(meta):
         return (B * triton.cdiv(N, meta["BLOCK_M"]), nv)
@@ -209,8 +242,8 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
 
     with _device_ctx(theta):
         # D = rowsum(dy * y)
-        pre, extra = _kernel("pre", 0)
-        pre_bv = min(max(16, _pow2(dv)), 128)
+        pre, extra = _kernel("pre", theta.dtype, 0, 0)
+        pre_bv = min(max(16, _pow2(dv)), PRE_BLOCK_V)
         _launcher(pre, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]),)](
             dy, y, delta, dy.stride(0), dy.stride(1), dy.stride(2),
             y.stride(0), y.stride(1), y.stride(2), N, dv, BLOCK_V=pre_bv, **extra)
@@ -224,7 +257,7 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
 
         # dphi, dg: one program per (key tile, part)
         bk, bv, nk, nv = blocks("kv", dk, dv, theta.dtype)
-        kern, extra = _kernel("kv", max(bk, bv))
+        kern, extra = _kernel("kv", theta.dtype, max(bk, bv), B * N * M)
         n_parts = max(nk, nv)
         _launcher(kern, theta)[lambda meta: (B * triton.cdiv(M, meta["BLOCK_N"]), n_parts)](
             *common, dphi, dg, *in_strides,
@@ -234,7 +267,7 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
 
         # dtheta: one program per (query tile, dk part)
         bk, bv, nk, nv = blocks("q", dk, dv, theta.dtype)
-        kern, extra = _kernel("q", max(bk, bv))
+        kern, extra = _kernel("q", theta.dtype, max(bk, bv), B * N * M)
         _launcher(kern, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]), nk)](
             *common, dtheta, *in_strides,
             dtheta.stride(0), dtheta.stride(1), dtheta.stride(2), *sizes,
