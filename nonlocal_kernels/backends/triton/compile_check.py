@@ -33,7 +33,7 @@ from . import kernels as K  # noqa: E402
 from . import launch as L  # noqa: E402
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FP32_PTRS = {"LSE", "Dd"}
+_FP32_PTRS = {"LSE", "Dd", "WK", "WV"}
 _FLOAT_ARGS = {"qk_scale", "scale"}
 
 
@@ -81,8 +81,8 @@ def compile_one(kernel: str, dtype: torch.dtype, dims: tuple, config: tuple, arc
                       IEEE=dtype == torch.float32)
         if kernel != "fwd":
             consts["NUM_V"] = nv
-        if kernel == "kv":
-            consts["SPLIT"] = max(nk, nv) > 1
+            parts = max(nk, nv) if kernel == "kv" else nk
+            consts["SPLIT"] = L.bwd_strategy() == "recompute" and parts > 1
     ints = _contiguous_args(kernel, B, N, M, dk, dv)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

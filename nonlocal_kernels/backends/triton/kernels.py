@@ -145,19 +145,11 @@ def softmax_bwd_pre_kernel(
     tl.store(Dd + b * N + offs_m.to(tl.int64), acc, mask=offs_m < N)
 
 
-# ------------------------------------------------------------------------------------------
-# Backward, key side: dphi (B, M, dk) and dg (B, M, dv), looping over query tiles.
-# Grid (B * cdiv(M, BLOCK_N), NUM_P) with NUM_P = max(NUM_K, NUM_V): part p writes dg columns
-# [p*BLOCK_V, (p+1)*BLOCK_V) when p < NUM_V and dphi columns [p*BLOCK_K, (p+1)*BLOCK_K) when
-# p < NUM_K; every part recomputes S (and dP when it writes dphi) for its key tile.
-# ------------------------------------------------------------------------------------------
 @triton.jit
-def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m, offs_v, offs_ko,
-                 s_gm, s_gv, s_dn, s_dv, s_tn, s_tk, N, M, DK, DV,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                 NUM_V: tl.constexpr, IEEE: tl.constexpr):
-    """dphi_acc += dS^T theta[:, this part's columns], dS^T = P^T * (dP^T - D)."""
-    # dP^T (BLOCK_N, BLOCK_M) = g dy^T over dv
+def _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv, N, M, DV,
+          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+          NUM_V: tl.constexpr, IEEE: tl.constexpr):
+    """dP^T (BLOCK_N, BLOCK_M) = g[offs_n] dy[offs_m]^T over all of dv."""
     if NUM_V == 1:
         dpt = _dot(v_hold, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
     else:
@@ -166,21 +158,62 @@ def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m, offs_v
             vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
             dot_ = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
             dpt = _dot(vt, tl.trans(dot_), dpt, IEEE)
+    return dpt
+
+
+@triton.jit
+def _rmw_dot(ws, rows, n_rows, cols, n_cols, a, b, IEEE: tl.constexpr):
+    """ws[rows, cols] += a @ b in a float32 workspace with row stride n_cols.
+
+    Only this program touches these rows; the caller puts a barrier between iterations so the
+    next read sees every thread's write (the load and store layouts may differ)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    ptrs = ws + rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
+    cur = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, _dot(a, b, cur, IEEE), mask=mask)
+
+
+@triton.jit
+def _copy_out(ws, out, rows, n_rows, n_cols, s_row, s_col, scale, BLOCK_C: tl.constexpr):
+    """out[rows, :] = scale * ws[rows, :] (cast to out's dtype), chunk by chunk."""
+    offs_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + offs_c
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        acc = tl.load(ws + rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :],
+                      mask=mask, other=0.0)
+        _store_tile(out, (acc * scale).to(out.dtype.element_ty), rows, cols, s_row, s_col,
+                    n_rows, n_cols)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward, key side: dphi (B, M, dk) and dg (B, M, dv), looping over query tiles.
+#
+# Head dims past one tile (NUM_K > 1 or NUM_V > 1) have two strategies:
+#   SPLIT (recompute): grid (B * cdiv(M, BLOCK_N), max(NUM_K, NUM_V)); part p holds dg columns
+#     [p*BLOCK_V, ...) when p < NUM_V and dphi columns [p*BLOCK_K, ...) when p < NUM_K in
+#     registers; every part recomputes S (and dP when it writes dphi) for its key tile.
+#   accumulate (SPLIT false): grid (B * cdiv(M, BLOCK_N), 1); S, P, dP, dS are computed once
+#     per (key tile, query tile) and the dg / dphi chunks are accumulated in float32 workspaces
+#     WV (B, M, dv) / WK (B, M, dk) that only this program touches (read-modify-write, no
+#     atomics), then copied out. With NUM_K == NUM_V == 1 this is plain FlashAttention-2.
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m, offs_v, offs_ko,
+                 s_gm, s_gv, s_dn, s_dv, s_tn, s_tk, N, M, DK, DV,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 NUM_V: tl.constexpr, IEEE: tl.constexpr):
+    """dphi_acc += dS^T theta[:, this part's columns], dS^T = P^T * (dP^T - D)."""
+    dpt = _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv, N, M, DV,
+                BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
     dst = pt * (dpt - di[None, :])
     q = _load_tile(th, offs_m, offs_ko, s_tn, s_tk, N, DK)
     return _dot(dst.to(q.dtype), q, dph_acc, IEEE)
 
 
-# ------------------------------------------------------------------------------------------
-# Backward, key side: dphi (B, M, dk) and dg (B, M, dv), looping over query tiles.
-# Grid (B * cdiv(M, BLOCK_N), NUM_P) with NUM_P = max(NUM_K, NUM_V): part p writes dg columns
-# [p*BLOCK_V, (p+1)*BLOCK_V) when p < NUM_V and dphi columns [p*BLOCK_K, (p+1)*BLOCK_K) when
-# p < NUM_K; every part recomputes S (and dP when it writes dphi) for its key tile.
-# SPLIT = NUM_P > 1 (without it the part checks are compiled out).
-# ------------------------------------------------------------------------------------------
 @triton.jit
 def softmax_bwd_kv_kernel(
-        TH, PH, G, DY, LSE, Dd, DPH, DG,
+        TH, PH, G, DY, LSE, Dd, DPH, DG, WK, WV,
         s_tb, s_tn, s_tk, s_pb, s_pm, s_pk, s_gb, s_gm, s_gv, s_db, s_dn, s_dv,
         s_lb, s_ln, s_qb, s_qm, s_qk, s_eb, s_em, s_ev,
         N, M, DK, DV, qk_scale, scale,
@@ -195,14 +228,16 @@ def softmax_bwd_kv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
-    offs_ko = part * BLOCK_K + offs_k   # this part's dphi columns
-    offs_vo = part * BLOCK_V + offs_v   # this part's dg columns
+    offs_ko = part * BLOCK_K + offs_k   # this part's dphi columns (SPLIT)
+    offs_vo = part * BLOCK_V + offs_v   # this part's dg columns (SPLIT)
     th = TH + b * s_tb
     ph = PH + b * s_pb
     gg = G + b * s_gb
     dy = DY + b * s_db
     lse_b = LSE + b * s_lb
     dd_b = Dd + b * N
+    wk = WK + b * M * DK
+    wv = WV + b * M * DV
 
     k_hold = ph  # placeholders when a tile is not held
     v_hold = gg
@@ -223,7 +258,7 @@ def softmax_bwd_kv_kernel(
                        other=float("inf")) * 1.4426950408889634
         pt = tl.exp2(st * qk_scale - lse2[None, :])
         di = tl.load(dd_b + offs_m.to(tl.int64), mask=m_ok, other=0.0)
-        do = dy  # placeholder when dy is not needed whole
+        do = dy  # placeholder when dy is not held whole
         if NUM_V == 1:
             do = _load_tile(dy, offs_m, offs_v, s_dn, s_dv, N, DV)
         if SPLIT:
@@ -235,31 +270,59 @@ def softmax_bwd_kv_kernel(
                                        offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk,
                                        N, M, DK, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
         else:
-            dg_acc = _dot(pt.to(do.dtype), do, dg_acc, IEEE)
-            dph_acc = _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m,
-                                   offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk,
-                                   N, M, DK, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+            dpt = _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv,
+                        N, M, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+            dst = pt * (dpt - di[None, :])
+            if NUM_V == 1:
+                dg_acc = _dot(pt.to(do.dtype), do, dg_acc, IEEE)
+            else:
+                for v0 in range(0, DV, BLOCK_V):
+                    do_c = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
+                    _rmw_dot(wv, offs_n, M, v0 + offs_v, DV, pt.to(do_c.dtype), do_c, IEEE)
+            if NUM_K == 1:
+                q = _load_tile(th, offs_m, offs_k, s_tn, s_tk, N, DK)
+                dph_acc = _dot(dst.to(q.dtype), q, dph_acc, IEEE)
+            else:
+                for k0 in range(0, DK, BLOCK_K):
+                    q_c = _load_tile(th, offs_m, k0 + offs_k, s_tn, s_tk, N, DK)
+                    _rmw_dot(wk, offs_n, M, k0 + offs_k, DK, dst.to(q_c.dtype), q_c, IEEE)
+            if NUM_K * NUM_V > 1:
+                tl.debug_barrier()  # this iteration's workspace writes before the next reads
 
-    # Parts past NUM_V (NUM_K) have offs_vo (offs_ko) >= DV (DK): their stores are masked off.
-    _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_vo,
-                s_em, s_ev, M, DV)
-    _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n, offs_ko,
-                s_qm, s_qk, M, DK)
+    if SPLIT:
+        # Parts past NUM_V (NUM_K) have offs_vo (offs_ko) >= DV (DK): stores masked off.
+        _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_vo,
+                    s_em, s_ev, M, DV)
+        _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n,
+                    offs_ko, s_qm, s_qk, M, DK)
+    else:
+        if NUM_V == 1:
+            _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_v,
+                        s_em, s_ev, M, DV)
+        else:
+            _copy_out(wv, DG + b * s_eb, offs_n, M, DV, s_em, s_ev, 1.0, BLOCK_V)
+        if NUM_K == 1:
+            _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n,
+                        offs_k, s_qm, s_qk, M, DK)
+        else:
+            _copy_out(wk, DPH + b * s_qb, offs_n, M, DK, s_qm, s_qk, scale, BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------------
 # Backward, query side: dtheta (B, N, dk), looping over key tiles (no atomics).
-# Grid (B * cdiv(N, BLOCK_M), NUM_K): part p writes dtheta columns [p*BLOCK_K, (p+1)*BLOCK_K).
+# SPLIT: grid (B * cdiv(N, BLOCK_M), NUM_K), part p holds dtheta columns [p*BLOCK_K, ...) and
+# recomputes S and dP. Otherwise grid (B * cdiv(N, BLOCK_M), 1): with NUM_K > 1 the dtheta
+# chunks accumulate in the float32 workspace WK (B, N, dk) of this program's rows.
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def softmax_bwd_q_kernel(
-        TH, PH, G, DY, LSE, Dd, DTH,
+        TH, PH, G, DY, LSE, Dd, DTH, WK,
         s_tb, s_tn, s_tk, s_pb, s_pm, s_pk, s_gb, s_gm, s_gv, s_db, s_dn, s_dv,
         s_lb, s_ln, s_qb, s_qn, s_qk,
         N, M, DK, DV, qk_scale, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, NUM_V: tl.constexpr,
-        IEEE: tl.constexpr):
+        SPLIT: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     part = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_M)
@@ -274,6 +337,7 @@ def softmax_bwd_q_kernel(
     ph = PH + b * s_pb
     gg = G + b * s_gb
     dy = DY + b * s_db
+    wk = WK + b * N * DK
 
     q_hold = th  # placeholders when a tile is not held
     do_hold = dy
@@ -301,8 +365,17 @@ def softmax_bwd_q_kernel(
                 vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
                 dp = _dot(dot_, tl.trans(vt), dp, IEEE)
         ds = p * (dp - di[:, None])
-        kt = _load_tile(ph, offs_n, offs_ko, s_pm, s_pk, M, DK)
-        dq_acc = _dot(ds.to(kt.dtype), kt, dq_acc, IEEE)
+        if SPLIT or NUM_K == 1:
+            kt = _load_tile(ph, offs_n, offs_ko, s_pm, s_pk, M, DK)
+            dq_acc = _dot(ds.to(kt.dtype), kt, dq_acc, IEEE)
+        else:
+            for k0 in range(0, DK, BLOCK_K):
+                kt = _load_tile(ph, offs_n, k0 + offs_k, s_pm, s_pk, M, DK)
+                _rmw_dot(wk, offs_m, N, k0 + offs_k, DK, ds.to(kt.dtype), kt, IEEE)
+            tl.debug_barrier()  # this iteration's workspace writes before the next reads
 
-    _store_tile(DTH + b * s_qb, (dq_acc * scale).to(DTH.dtype.element_ty), offs_m, offs_ko,
-                s_qn, s_qk, N, DK)
+    if SPLIT or NUM_K == 1:
+        _store_tile(DTH + b * s_qb, (dq_acc * scale).to(DTH.dtype.element_ty), offs_m,
+                    offs_ko, s_qn, s_qk, N, DK)
+    else:
+        _copy_out(wk, DTH + b * s_qb, offs_m, N, DK, s_qn, s_qk, scale, BLOCK_K)

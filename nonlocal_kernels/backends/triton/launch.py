@@ -18,6 +18,8 @@ by (dk, dv, dtype, IEEE); under TRITON_INTERPRET=1 one small fixed configuration
 Knobs (read at call time, for experiments and tests):
   NONLOCAL_KERNELS_TRITON_AUTOTUNE=0       use the first (default) configuration, no tuning
   NONLOCAL_KERNELS_TRITON_CONFIG=i         use candidate i of each kernel's list, no tuning
+  NONLOCAL_KERNELS_TRITON_BWD=accumulate|recompute   backward strategy for head dims past one
+                                           tile (default BWD_STRATEGY = accumulate)
   NONLOCAL_KERNELS_TRITON_CAPS=fwd=128x256,kv=256x256,q=256x256   head-dim caps (k x v) per
                                            kernel, for every dtype (default: GPU_CAPS)
 """
@@ -66,7 +68,7 @@ GPU_CONFIGS = {
         "kv": {
             64: [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)],
             128: [(64, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
-            256: [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2)],
+            256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
         },
         "q": {
             64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
@@ -132,6 +134,21 @@ def blocks(kernel: str, dk: int, dv: int, dtype: torch.dtype) -> tuple:
     bk = min(max(16, _pow2(dk)), kc)
     bv = min(max(16, _pow2(dv)), vc)
     return bk, bv, triton.cdiv(dk, bk), triton.cdiv(dv, bv)
+
+
+# How the backward handles head dims past one tile (see kernels.py): "accumulate" computes
+# S, P, dP, dS once per tile pair and accumulates the dphi / dg / dtheta chunks in float32
+# workspaces (O((N + M) d) memory, read-modify-write traffic); "recompute" splits the output
+# columns across programs, each recomputing S (and dP) for its part.
+BWD_STRATEGY = "accumulate"
+
+
+def bwd_strategy() -> str:
+    value = os.environ.get("NONLOCAL_KERNELS_TRITON_BWD", "").strip() or BWD_STRATEGY
+    if value not in ("accumulate", "recompute"):
+        raise ValueError(f"NONLOCAL_KERNELS_TRITON_BWD: expected 'accumulate' or 'recompute', "
+                         f"got {value!r}")
+    return value
 
 
 def _autotune_enabled() -> bool:
@@ -255,23 +272,30 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
                       dy.stride(0), dy.stride(1), dy.stride(2), lse.stride(0), lse.stride(1))
         sizes = (N, M, dk, dv, scale * K.LOG2E, scale)
 
-        # dphi, dg: one program per (key tile, part)
+        split = bwd_strategy() == "recompute"
+        f32 = dict(dtype=torch.float32, device=dev)
+
+        # dphi, dg: one program per key tile (and per part when splitting)
         bk, bv, nk, nv = blocks("kv", dk, dv, theta.dtype)
         kern, extra = _kernel("kv", theta.dtype, max(bk, bv), B * N * M)
-        n_parts = max(nk, nv)
+        n_parts = max(nk, nv) if split else 1
+        ws_k = torch.zeros((B, M, dk), **f32) if n_parts == 1 and nk > 1 else delta
+        ws_v = torch.zeros((B, M, dv), **f32) if n_parts == 1 and nv > 1 else delta
         _launcher(kern, theta)[lambda meta: (B * triton.cdiv(M, meta["BLOCK_N"]), n_parts)](
-            *common, dphi, dg, *in_strides,
+            *common, dphi, dg, ws_k, ws_v, *in_strides,
             dphi.stride(0), dphi.stride(1), dphi.stride(2), dg.stride(0), dg.stride(1),
             dg.stride(2), *sizes,
             BLOCK_K=bk, BLOCK_V=bv, NUM_K=nk, NUM_V=nv, SPLIT=n_parts > 1, IEEE=ieee, **extra)
 
-        # dtheta: one program per (query tile, dk part)
+        # dtheta: one program per query tile (and per dk part when splitting)
         bk, bv, nk, nv = blocks("q", dk, dv, theta.dtype)
         kern, extra = _kernel("q", theta.dtype, max(bk, bv), B * N * M)
-        _launcher(kern, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]), nk)](
-            *common, dtheta, *in_strides,
+        n_parts = nk if split else 1
+        ws_k = torch.zeros((B, N, dk), **f32) if n_parts == 1 and nk > 1 else delta
+        _launcher(kern, theta)[lambda meta: (B * triton.cdiv(N, meta["BLOCK_M"]), n_parts)](
+            *common, dtheta, ws_k, *in_strides,
             dtheta.stride(0), dtheta.stride(1), dtheta.stride(2), *sizes,
-            BLOCK_K=bk, BLOCK_V=bv, NUM_K=nk, NUM_V=nv, IEEE=ieee, **extra)
+            BLOCK_K=bk, BLOCK_V=bv, NUM_K=nk, NUM_V=nv, SPLIT=n_parts > 1, IEEE=ieee, **extra)
     return dtheta, dphi, dg
 
 
