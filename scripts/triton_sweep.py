@@ -1,12 +1,14 @@
-"""Cost of splitting head dims in the Triton kernels (GPU only; scripts/gpu_check.sh runs it).
+"""Cost of large head dims in the Triton kernels (GPU only; scripts/gpu_check.sh runs it).
 
-For each shape and each setting of the head-dim caps (NONLOCAL_KERNELS_TRITON_CAPS, see
-nonlocal_kernels/backends/triton/launch.py) it times forward and forward+backward with the
-default tile configuration (no autotuning, so every setting compiles the same number of kernels
-and the comparison isolates the caps) and prints a markdown table (also written to --out).
+For each shape and each setting of the head-dim caps (NONLOCAL_KERNELS_TRITON_CAPS) and the
+backward strategy (NONLOCAL_KERNELS_TRITON_BWD; see nonlocal_kernels/backends/triton/launch.py
+and docs/triton.md) it times forward and forward+backward with the default tile configuration
+(no autotuning, so every setting compiles the same number of kernels and the comparison isolates
+the setting) and prints a markdown table (also written to --out).
 
-A cap below the head dim means more programs, each recomputing S = theta phi^T for its part;
-a larger cap holds bigger tiles in registers (fewer programs, more register pressure).
+Forward: a dv cap below dv splits y across programs, each recomputing S = theta phi^T.
+Backward: "accumulate" computes S, P, dP, dS once and read-modify-writes float32 workspaces per
+chunk; "recompute" splits the output columns across programs, each recomputing S (and dP).
 
     python scripts/triton_sweep.py [--out FILE] [--dtype bfloat16]
 """
@@ -21,14 +23,15 @@ import torch
 # Run from a checkout: import this checkout's package (scripts/.. on the path).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# (head-dim caps, backward strategy); the first is the default for 16-bit inputs.
 SETTINGS = [
-    "fwd=128x256,kv=256x256,q=256x256",   # the defaults (16-bit)
-    "fwd=128x256,kv=128x128,q=128x128",   # split the backward more
-    "fwd=64x64,kv=64x64,q=64x64",         # split everything
-    "fwd=256x512,kv=256x512,q=512x256",   # hold more
+    ("fwd=128x256,kv=256x256,q=256x256", "accumulate"),
+    ("fwd=128x256,kv=256x256,q=256x256", "recompute"),
+    ("fwd=128x256,kv=128x128,q=128x128", "accumulate"),
+    ("fwd=64x64,kv=64x64,q=64x64", "accumulate"),
+    ("fwd=256x128,kv=128x128,q=128x128", "recompute"),
 ]
-SHAPES = [(8, 3136, 784, 256, 256), (8, 784, 196, 512, 512), (8, 784, 196, 1024, 512),
-          (1, 8192, 2048, 1024, 512)]
+SHAPES = [(8, 784, 196, 1024, 512), (8, 784, 196, 512, 512), (8, 3136, 784, 256, 256)]
 
 
 def main() -> int:
@@ -49,8 +52,9 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     lines = [f"# Triton head-dim caps sweep ({args.dtype}, default tiles, no autotuning)", "",
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", "",
-             "| shape (B, N, M, dk, dv) | caps (k x v per kernel) | fwd parts | kv parts | "
-             "q parts | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|"]
+             "| shape (B, N, M, dk, dv) | caps (k x v per kernel) | backward | fwd dv parts | "
+             "kv dk x dv chunks | q dk chunks | fwd ms | fwd+bwd ms |",
+             "|---|---|---|---|---|---|---|---|"]
     out = open(args.out, "w") if args.out else None
 
     def emit(line):
@@ -66,15 +70,15 @@ def main() -> int:
         theta, phi, g = (torch.randn(B, n, d, device="cuda", dtype=dtype).requires_grad_()
                          for n, d in ((N, dk), (M, dk), (M, dv)))
         dy = torch.randn(B, N, dv, device="cuda", dtype=dtype)
-        for setting in SETTINGS:
+        for setting, strategy in SETTINGS:
             if time.time() - start > args.budget:
                 emit(f"(stopped: budget of {args.budget:.0f} s spent)")
                 return 0
             os.environ["NONLOCAL_KERNELS_TRITON_CAPS"] = setting
-            parts = []
-            for kern in ("fwd", "kv", "q"):
-                bk, bv, nk_, nv = L.blocks(kern, dk, dv, dtype)
-                parts.append({"fwd": nv, "kv": max(nk_, nv), "q": nk_}[kern])
+            os.environ["NONLOCAL_KERNELS_TRITON_BWD"] = strategy
+            fwd_parts = L.blocks("fwd", dk, dv, dtype)[3]
+            _, _, kv_k, kv_v = L.blocks("kv", dk, dv, dtype)
+            q_k = L.blocks("q", dk, dv, dtype)[2]
 
             def fwd():
                 with torch.no_grad():
@@ -90,8 +94,8 @@ def main() -> int:
                 times = f"{t_f:.2f} | {t_fb:.2f}"
             except Exception as exc:  # report, keep going
                 times = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} |"
-            emit(f"| {(B, N, M, dk, dv)} | {setting} | {parts[0]} | {parts[1]} | {parts[2]} | "
-                 f"{times} |")
+            emit(f"| {(B, N, M, dk, dv)} | {setting} | {strategy} | {fwd_parts} | "
+                 f"{kv_k} x {kv_v} | {q_k} | {times} |")
         del theta, phi, g, dy
         torch.cuda.empty_cache()
     return 0

@@ -10,10 +10,12 @@ They are ``torch.library.triton_op``s, so ``torch.compile(fullgraph=True)`` trac
 kernels (``custom_op`` + a fake on torch versions without triton_op).
 
 Block sizes. Each kernel has head-dim caps (BLOCK_K for dk, BLOCK_V for dv): a head dim up to
-its cap is one tile held by one program; a larger one is chunked (dk) and split across programs
-(the output columns), which costs recomputing S = theta phi^T once per extra part (see
-``docs/triton.md``). BLOCK_M / BLOCK_N / num_warps / num_stages are autotuned on the GPU, keyed
-by (dk, dv, dtype, IEEE); under TRITON_INTERPRET=1 one small fixed configuration runs.
+its cap is one tile held by one program; a larger one is chunked. The forward splits dv past its
+cap across programs (each recomputing S = theta phi^T); the backward either accumulates chunks
+in float32 workspaces ("accumulate", default) or splits its outputs across programs
+("recompute"); see docs/triton.md. BLOCK_M / BLOCK_N / num_warps / num_stages are autotuned on
+the GPU, keyed by (dk, dv, dtype, IEEE, BLOCK_K, BLOCK_V); under TRITON_INTERPRET=1 one small
+fixed configuration runs.
 
 Knobs (read at call time, for experiments and tests):
   NONLOCAL_KERNELS_TRITON_AUTOTUNE=0       use the first (default) configuration, no tuning
