@@ -126,19 +126,19 @@ else
 fi
 
 # 2. build -------------------------------------------------------------------------------
-run_step build 180 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+run_step build 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
 run_step import 60 "$PY" -c 'import nonlocal_kernels as nk, json
 print(nk.__file__)
 for b in nk.available_backends():
     print(json.dumps({k: b[k] for k in ("name", "available", "reason", "devices", "priority")}))'
 
 # 3. tests (gpu tests included; they run automatically when CUDA is present) ---------------
-run_step tests 160 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
+run_step tests 180 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
     "$PY" -m pytest tests -q -rfEs --durations=15 --junitxml="$OUT/tests.xml"
 
 # 4. compute-sanitizer (memcheck) on one small case per GPU backend -------------------------
 if command -v compute-sanitizer >/dev/null 2>&1; then
-    run_step sanitizer 45 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 \
+    run_step sanitizer 40 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 \
         compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" scripts/gpu_sanitize_case.py
 else
     echo "== sanitizer: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
@@ -149,7 +149,7 @@ run_step bench 150 "$PY" -m benchmarks --preset gpu --device cuda --repeats 5 --
     --out "$OUT/bench"
 
 # 6. Triton head-dim caps sweep (cost of splitting dk/dv across programs) --------------------
-run_step triton-sweep 70 "$PY" scripts/triton_sweep.py --budget 50 --out "$OUT/triton_sweep.md"
+run_step triton-sweep 60 "$PY" scripts/triton_sweep.py --budget 45 --out "$OUT/triton_sweep.md"
 
 echo "== done in $(($(date +%s) - START))s, $FAILED step(s) not ok; logs in $OUT" | tee -a "$SUMMARY"
 [ "$FAILED" -eq 0 ]

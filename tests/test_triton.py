@@ -258,10 +258,12 @@ def test_exact_fp32_without_tf32_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
-                         ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (256, 256), (1024, 512)],
-                         ids=lambda d: f"{d[0]}x{d[1]}")
+@pytest.mark.parametrize("dtype,dims", [(torch.bfloat16, (64, 64)), (torch.bfloat16, (128, 128)),
+                                        (torch.bfloat16, (256, 256)),
+                                        (torch.bfloat16, (1024, 512)),
+                                        (torch.float32, (256, 256))],
+                         ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype)
+                         else f"{x[0]}x{x[1]}")
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_every_gpu_config(monkeypatch, dims, dtype, index):
     # Each autotuning candidate (of the width class these head dims use), forced, against the
