@@ -47,10 +47,9 @@ from .registry import FLOAT_DTYPES, Backend, register
 
 DOT_PATHS = ("reordered", "naive")
 
-# Work over the N query rows runs in chunks of about this many elements per temporary. On CPU
-# they are small so the allocator reuses them: a fresh multi-MB buffer costs page faults,
-# measured on the 2-core dev VM at ~0.6 ns per byte, more than the arithmetic on it. On CUDA
-# they are large (few launches; the caching allocator has no such cost).
+# Scratch work over the N query rows (the gather in da) runs in chunks of about this many
+# elements, which bounds the temporary at long-video sizes (4 MB on CPU; on CUDA 64 MB, few
+# launches). Smaller CPU chunks were measured slower here (per-op overhead).
 _CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _CHUNK_ELEMENTS_OTHER = 1 << 24
 
@@ -231,32 +230,31 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
-    """Inclusive prefix sums along dim 1 of x (B, L, W), as a new contiguous tensor.
+def _cumsum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (B, L, W) = inclusive prefix sums of x along dim 1 (out's rows contiguous).
 
-    CUDA: torch.cumsum. CPU: torch.cumsum along a non-last dim runs about 7 ns per element
+    CUDA: torch.cumsum. CPU: torch.cumsum along a non-last dim runs about 3-7 ns per element
     here, so the scan is blocked: prefix sums inside blocks of _SCAN_BLOCK rows as one batched
-    product with a lower-triangular matrix of ones (exact adds in the input dtype, no TF32 on
-    CPU), then the running block totals (a short cumsum) added to each block.
+    product with a lower-triangular matrix of ones (plain adds in x's dtype; CPU matmul has no
+    TF32), then the running block totals (a short cumsum) added to each block.
     """
     if x.device.type != "cpu":
-        return torch.cumsum(x, 1)
+        return torch.cumsum(x, 1, out=out)
     B, L, W = x.shape
     T = _SCAN_BLOCK
     nb, L0 = L // T, (L // T) * T
-    y = torch.empty(B, L, W, dtype=x.dtype, device=x.device)
     tri = torch.ones(T, T, dtype=x.dtype, device=x.device).tril_()
     if nb:
-        yb = y[:, :L0].view(B, nb, T, W)
-        torch.matmul(tri, x[:, :L0].reshape(B, nb, T, W), out=yb)
+        yb = out[:, :L0].view(B, nb, T, W)
+        yb.copy_(torch.matmul(tri, x[:, :L0].reshape(B, nb, T, W)))
         if nb > 1:
             yb[:, 1:] += torch.cumsum(yb[:, :-1, -1], 1).unsqueeze(2)
     if L > L0:
         r = L - L0
-        torch.matmul(tri[:r, :r], x[:, L0:], out=y[:, L0:])
+        out[:, L0:] = torch.matmul(tri[:r, :r], x[:, L0:])
         if nb:
-            y[:, L0:] += y[:, L0 - 1:L0]
-    return y
+            out[:, L0:] += out[:, L0 - 1:L0]
+    return out
 
 
 def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -272,26 +270,31 @@ def _weight_grad(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _key_prefix_sums(g: torch.Tensor, perm: torch.Tensor, b_sorted: torch.Tensor,
-                     cdt: torch.dtype) -> torch.Tensor:
-    """P (B, 2, M + 1, dv) in cdt: P[:, 0, r] and P[:, 1, r] = sums of g_j / M and b_j g_j / M
-    over the r keys of largest b (perm sorts b descending, b_sorted = b[perm]); P[:, :, 0] = 0.
-    The two halves are separate contiguous blocks (row copies from strided halves are slow)."""
+                     cdt: torch.dtype) -> tuple:
+    """(P, xg): xg (B, M, dv) = g[perm] / M in cdt (keys by decreasing b); P (B, 2, M + 1, dv)
+    in cdt with P[:, 0, r] = sum of the first r rows of xg and P[:, 1, r] the same for
+    b_sorted * xg; P[:, :, 0] = 0. The two halves are separate contiguous blocks (row gathers
+    from a strided half are several times slower)."""
     B, M, dv = g.shape
-    x = torch.empty(B, 2, M, dv, dtype=cdt, device=g.device)
-    x[:, 0] = _rows(g, perm)  # converted to cdt before the division
-    x[:, 0].div_(M)
-    torch.mul(x[:, 0], b_sorted.unsqueeze(-1), out=x[:, 1])
+    xg = torch.empty(B, M, dv, dtype=cdt, device=g.device)
+    for i in range(B):
+        if g.dtype == cdt:
+            torch.index_select(g[i], 0, perm[i], out=xg[i])
+        else:
+            xg[i] = g[i].index_select(0, perm[i])
+    xg.div_(M)
     P = torch.empty(B, 2, M + 1, dv, dtype=cdt, device=g.device)
     P[:, :, 0].zero_()
-    P[:, :, 1:] = _cumsum_rows(x.view(2 * B, M, dv)).view(B, 2, M, dv)
-    return P
+    _cumsum_rows(xg, out=P[:, 0, 1:])
+    _cumsum_rows(xg * b_sorted.unsqueeze(-1), out=P[:, 1, 1:])
+    return P, xg
 
 
 def _query_sums_by_key(dy: torch.Tensor, a: torch.Tensor, k: torch.Tensor, M: int,
                        cdt: torch.dtype) -> tuple:
-    """(R_dy, R_ady), each (B, M, dv) in cdt: row M - 1 - r holds the sum of dy_i (of a_i dy_i)
-    over the queries i with k_i > r, i.e. what the key of rank r receives (query i reaches the
-    keys of rank r < k_i).
+    """(R_dy, R_ady), each (B, M, dv) in cdt: row s holds the sum of dy_i (of a_i dy_i) over
+    the queries i with k_i >= M - s, i.e. what the key of ascending-b rank s (descending rank
+    M - 1 - s) receives: query i reaches the k_i keys of largest b.
 
     Query i goes to bin M - k_i; sorting the queries by bin makes each bin a contiguous bag, and
     one embedding_bag call sums every bag (deterministic, no atomics, multithreaded on CPU);
@@ -312,7 +315,7 @@ def _query_sums_by_key(dy: torch.Tensor, a: torch.Tensor, k: torch.Tensor, M: in
     for psw in (None, weights):
         h = F.embedding_bag(index, table, offsets, mode="sum", include_last_offset=True,
                             per_sample_weights=psw).view(B, M + 1, dv)[:, :M]
-        out.append(_cumsum_rows(h))
+        out.append(_cumsum_rows(h, out=torch.empty(B, M, dv, dtype=cdt, device=dev)))
     return tuple(out)
 
 
@@ -328,7 +331,8 @@ class _ConcatSorted(torch.autograd.Function):
         # Keys by decreasing b: {j : a_i + b_j > 0} = {j : -b_j < a_i} is a prefix of length k_i.
         neg_b_sorted, perm_b = torch.sort(-b, dim=1)
         k = torch.searchsorted(neg_b_sorted, a)  # left: #{j : -b_j < a_i}, strict
-        P = _key_prefix_sums(g, perm_b, neg_b_sorted.neg_(), cdt)  # (B, 2, M+1, dv), / M
+        b_sorted = neg_b_sorted.neg_()
+        P, xg = _key_prefix_sums(g, perm_b, b_sorted, cdt)  # (B, 2, M+1, dv), holds the 1/M
         # y_i = P_bg[k_i] + a_i P_g[k_i]: one embedding_bag over bags of two rows of P.
         base = torch.arange(B, device=k.device).view(B, 1, 1) * (2 * (M + 1))
         index = (torch.stack([k + (M + 1), k], -1) + base).view(-1)
@@ -336,42 +340,44 @@ class _ConcatSorted(torch.autograd.Function):
         offsets = torch.arange(0, 2 * B * N, 2, device=k.device)
         y = F.embedding_bag(index, P.view(-1, dv), offsets, mode="sum",
                             per_sample_weights=weights).view(B, N, dv).to(dtype)
-        ctx.save_for_backward(theta, phi, g, w, a, b, perm_b, k, P)
+        ctx.save_for_backward(theta, phi, g, w, a, b_sorted, perm_b, k, P, xg)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        theta, phi, g, w, a, b, perm_b, k, P = ctx.saved_tensors
+        theta, phi, g, w, a, b_sorted, perm_b, k, P, xg = ctx.saved_tensors
         B, N, dk = theta.shape
-        M, dv = g.shape[1:]
-        cdt = a.dtype
+        M, dv = xg.shape[1:]
+        dtype, cdt = theta.dtype, a.dtype
         need_t, need_p, need_g, need_w = ctx.needs_input_grad
         need_da = need_t or need_w
         need_db = need_p or need_w
         wc = w.to(cdt)
         dtheta = dphi = dg = dw = da = db = None
 
-        if need_da:  # da_i = dy_i . P_g[k_i]  (P already holds the 1/M)
+        if need_da:  # da_i = dy_i . P_g[k_i]  (P holds the 1/M)
             da = torch.empty(B, N, dtype=cdt, device=a.device)
             for i in range(B):
                 for n0, n1 in _row_chunks(N, dv, a.device):
                     G = P[i, 0].index_select(0, k[i, n0:n1]).mul_(dy[i, n0:n1])
                     torch.sum(G, -1, out=da[i, n0:n1])
+                    del G
         if need_db or need_g:
-            R_dy, R_ady = _query_sums_by_key(dy, a, k, M, cdt)  # row M - 1 - rank
-            # Key j has rank r_j where perm_b[r_j] = j: its row is M - 1 - r_j.
-            row = torch.empty_like(perm_b).scatter_(
-                1, perm_b, torch.arange(M - 1, -1, -1, device=perm_b.device).expand(B, M))
-            R_dy = _rows(R_dy, row)  # (B, M, dv) in the original key order
+            R_dy, R_ady = _query_sums_by_key(dy, a, k, M, cdt)  # by ascending-b rank
+            perm_asc = perm_b.flip(1)  # key j = perm_asc[s] has ascending rank s
             if need_g:  # dg_j = (b_j sum dy_i + sum a_i dy_i) / M over i with a_i + b_j > 0
+                dg_asc = torch.addcmul(R_ady, R_dy, b_sorted.flip(1).unsqueeze(-1)).div_(M)
                 dg = torch.empty_like(g)  # g's strides: no layout copy in autograd
-                dg.copy_(torch.addcmul(_rows(R_ady, row), R_dy, b.unsqueeze(-1)).div_(M))
-            if need_db:  # db_j = g_j . (sum dy_i) / M
-                db = R_dy.mul_(g).sum(-1).div_(M)
+                for i in range(B):
+                    dg[i].index_copy_(0, perm_asc[i], dg_asc[i].to(dtype))
+                del dg_asc
+            if need_db:  # db_j = g_j . (sum dy_i) / M  (xg holds g / M)
+                db_asc = R_dy.mul_(xg.flip(1)).sum(-1)
+                db = torch.empty_like(db_asc).scatter_(1, perm_asc, db_asc)
             del R_dy, R_ady
         if need_t:
-            dtheta = torch.empty_like(theta)
+            dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
             torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
         if need_p:
             dphi = torch.empty_like(phi)
