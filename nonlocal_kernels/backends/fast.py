@@ -37,6 +37,7 @@ benchmarks). The hook state is process-global and not thread-safe (it is a debug
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional
 
 import torch
@@ -243,18 +244,23 @@ def _cumsum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     B, L, W = x.shape
     T = _SCAN_BLOCK
     nb, L0 = L // T, (L // T) * T
-    tri = torch.ones(T, T, dtype=x.dtype, device=x.device).tril_()
+    tri = _lower_ones(T, x.dtype)
     if nb:
         yb = out[:, :L0].view(B, nb, T, W)
-        yb.copy_(torch.matmul(tri, x[:, :L0].reshape(B, nb, T, W)))
+        torch.matmul(tri, x[:, :L0].reshape(B, nb, T, W), out=yb)
         if nb > 1:
             yb[:, 1:] += torch.cumsum(yb[:, :-1, -1], 1).unsqueeze(2)
     if L > L0:
         r = L - L0
-        out[:, L0:] = torch.matmul(tri[:r, :r], x[:, L0:])
+        torch.matmul(tri[:r, :r], x[:, L0:], out=out[:, L0:])
         if nb:
             out[:, L0:] += out[:, L0 - 1:L0]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_ones(T: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ones(T, T, dtype=dtype).tril_()
 
 
 def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -271,22 +277,23 @@ def _weight_grad(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _key_prefix_sums(g: torch.Tensor, perm: torch.Tensor, b_sorted: torch.Tensor,
                      cdt: torch.dtype) -> tuple:
-    """(P, xg): xg (B, M, dv) = g[perm] / M in cdt (keys by decreasing b); P (B, 2, M + 1, dv)
-    in cdt with P[:, 0, r] = sum of the first r rows of xg and P[:, 1, r] the same for
-    b_sorted * xg; P[:, :, 0] = 0. The two halves are separate contiguous blocks (row gathers
-    from a strided half are several times slower)."""
+    """(P, xg): xg (B, M, dv) = g[perm] / M in cdt (keys by decreasing b; a view of a buffer
+    twice its size); P (B, 2, M + 1, dv) in cdt with P[:, 0, r] = sum of the first r rows of
+    xg and P[:, 1, r] the same for b_sorted * xg; P[:, :, 0] = 0. The two halves are separate
+    contiguous blocks (row gathers from a strided half are several times slower)."""
     B, M, dv = g.shape
-    xg = torch.empty(B, M, dv, dtype=cdt, device=g.device)
+    x = torch.empty(B, 2, M, dv, dtype=cdt, device=g.device)
+    xg = x[:, 0]
     for i in range(B):
         if g.dtype == cdt:
             torch.index_select(g[i], 0, perm[i], out=xg[i])
         else:
             xg[i] = g[i].index_select(0, perm[i])
     xg.div_(M)
+    torch.mul(xg, b_sorted.unsqueeze(-1), out=x[:, 1])
     P = torch.empty(B, 2, M + 1, dv, dtype=cdt, device=g.device)
     P[:, :, 0].zero_()
-    _cumsum_rows(xg, out=P[:, 0, 1:])
-    _cumsum_rows(xg * b_sorted.unsqueeze(-1), out=P[:, 1, 1:])
+    _cumsum_rows(x.view(2 * B, M, dv), out=P.view(2 * B, M + 1, dv)[:, 1:])
     return P, xg
 
 
@@ -306,17 +313,19 @@ def _query_sums_by_key(dy: torch.Tensor, a: torch.Tensor, k: torch.Tensor, M: in
     # Bag c of batch b: positions [start(b, c), start(b, c + 1)) of the sorted queries.
     edges = torch.searchsorted(k_desc.neg(), torch.arange(-M, 1, device=dev).expand(B, M + 1)
                                .contiguous())  # #{i : k_i > M - c} = start of bin c
+    # Bags (b, c) for the sums of dy, then bags (b, c) again for the sums of a_i dy_i: the same
+    # rows of dy, the second time weighted by a.
     base = torch.arange(B, device=dev).unsqueeze(1) * N
-    offsets = torch.cat([(edges + base).view(-1), torch.tensor([B * N], device=dev)])
-    index = (order + base).view(-1)
-    table = dy.reshape(B * N, dv).to(cdt)
-    weights = torch.gather(a, 1, order).view(-1)
-    out = []
-    for psw in (None, weights):
-        h = F.embedding_bag(index, table, offsets, mode="sum", include_last_offset=True,
-                            per_sample_weights=psw).view(B, M + 1, dv)[:, :M]
-        out.append(_cumsum_rows(h, out=torch.empty(B, M, dv, dtype=cdt, device=dev)))
-    return tuple(out)
+    starts = (edges + base).view(-1)
+    offsets = torch.cat([starts, starts + B * N, torch.tensor([2 * B * N], device=dev)])
+    index = (order + base).view(-1).repeat(2)
+    weights = torch.cat([torch.ones(B * N, dtype=cdt, device=dev),
+                         torch.gather(a, 1, order).view(-1)])
+    h = F.embedding_bag(index, dy.reshape(B * N, dv).to(cdt), offsets, mode="sum",
+                        include_last_offset=True, per_sample_weights=weights)
+    R = _cumsum_rows(h.view(2 * B, M + 1, dv)[:, :M],
+                     out=torch.empty(2, B, M, dv, dtype=cdt, device=dev).view(2 * B, M, dv))
+    return R.view(2, B, M, dv).unbind(0)
 
 
 class _ConcatSorted(torch.autograd.Function):
