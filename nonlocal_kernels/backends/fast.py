@@ -1,33 +1,36 @@
 """Backend ``fast``: exact reorderings of the dot_product and concatenation modes.
 
 Both modes have algebraic shortcuts that never form the N x M affinity. Written with PyTorch ops
-(bmm, sort, cumsum, searchsorted, gather), so they run on CPU and CUDA tensors alike, as
-autograd.Functions with explicit backward passes.
+(bmm, sort, searchsorted, embedding_bag, cumsum / triangular matmul, index_select), so they run
+on CPU and CUDA tensors alike, as autograd.Functions with explicit backward passes.
 
 dot_product, y = (theta phi^T) g / M:
   - "reordered": y = theta (phi^T g / M). Forward 2·dk·dv·(N+M) FLOPs, a (dk, dv) intermediate.
     Backward dtheta = dy K^T with K = phi^T g / M; dK = theta^T dy / M; dphi = g dK^T; dg = phi dK.
   - "naive": S = theta phi^T (N x M), y = S g / M. Forward 2·N·M·(dk+dv) FLOPs.
   Each call takes the path with fewer FLOPs (backward has the same ratio as forward). "naive" is
-  only taken when N·M·(dk+dv) <= dk·dv·(N+M), which implies N·M <= max(dk, dv)·(N+M): its N x M
+  only taken when N·M·(dk+dv) < dk·dv·(N+M), which implies N·M < min(dk, dv)·(N+M): its N x M
   matrix is then no bigger than the inputs, so memory stays O((N+M)·d) either way.
 
 concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b = phi·w_phi:
-  the pairs with a_i + b_j > 0 are, for key j, exactly {j : -b_j < a_i}. Sorting c = -b ascending
-  makes that set a prefix of length k_i = searchsorted(c_sorted, a_i) (strict "<", so a pair with
-  a_i + b_j exactly 0 contributes nothing, and ReLU's gradient there is 0, as in PyTorch). With
-  prefix sums P_g, P_bg of g and b·g in that order,
-      y_i = (a_i · P_g[k_i] + P_bg[k_i]) / M.
-  Backward, symmetric over a: l_j = #{i : -a_i < b_j}, prefix sums Q_dy, Q_ady of dy and a·dy in
-  the order of -a ascending:
-      dg_j = (b_j · Q_dy[l_j] + Q_ady[l_j]) / M,   db_j = g_j · Q_dy[l_j] / M,
-      da_i = dy_i · P_g[k_i] / M,
+  query i reaches exactly the keys with -b_j < a_i, i.e. the k_i keys of largest b, where
+  k_i = searchsorted(sort(-b), a_i) (strict "<": a pair with a_i + b_j exactly 0 contributes
+  nothing and gets ReLU's gradient 0, as in PyTorch; ties in a or b need nothing special).
+  With prefix sums P_g, P_bg of g/M and b·g/M over the keys by decreasing b,
+      y_i = P_bg[k_i] + a_i · P_g[k_i]        (one embedding_bag over P's rows).
+  Backward, the symmetric sort over a: key j of ascending rank s is reached by the queries with
+  k_i >= M - s, i.e. those of largest a. Sorting the queries by k (= by a) makes each value of
+  k a contiguous bag; one embedding_bag sums dy_i and a_i·dy_i per bag, prefix sums over the
+  bags give S_dy(j) and S_ady(j), and
+      dg_j = (b_j · S_dy(j) + S_ady(j)) / M,   db_j = g_j · S_dy(j) / M,   da_i = dy_i · P_g[k_i],
       dtheta = da w_theta^T, dphi = db w_phi^T, dw = [sum_i da_i theta_i, sum_j db_j phi_j].
-  O((N+M)·(log + d)) time, O((N+M)·d) memory.
+  O((N+M)·(log + d)) time, O((N+M)·d) memory; deterministic (no atomics, no scatters).
+  CPU prefix sums are blocked triangular products (torch.cumsum along a non-last dim is
+  several times slower here); CUDA uses torch.cumsum.
 
 Precision: a, b and every sum are computed in float32 from float16/bfloat16 inputs (float64 for
-float64 inputs) and the results are rounded to the input dtype at the end. Work on dv is done in
-column chunks so the temporaries stay bounded (about 16 MB each) at long-video sizes.
+float64 inputs) and the results are rounded to the input dtype at the end. The one N x dv
+scratch gather (da) runs in row chunks that bound it at long-video sizes.
 
 Debug hook: :func:`last_path` / :func:`record_paths` say which path a call took ("reordered",
 "naive" or "sorted"); :func:`force_dot_product_path` overrides the cost model (tests,
@@ -374,16 +377,16 @@ class _ConcatSorted(torch.autograd.Function):
                     del G
         if need_db or need_g:
             R_dy, R_ady = _query_sums_by_key(dy, a, k, M, cdt)  # by ascending-b rank
-            perm_asc = perm_b.flip(1)  # key j = perm_asc[s] has ascending rank s
+            # Key j has ascending rank rank[j] (perm_b sorts b descending). Gathers with the
+            # inverse permutation, not scatters: deterministic on CUDA too.
+            rank = torch.argsort(perm_b.flip(1), dim=1)
             if need_g:  # dg_j = (b_j sum dy_i + sum a_i dy_i) / M over i with a_i + b_j > 0
                 dg_asc = torch.addcmul(R_ady, R_dy, b_sorted.flip(1).unsqueeze(-1)).div_(M)
                 dg = torch.empty_like(g)  # g's strides: no layout copy in autograd
-                for i in range(B):
-                    dg[i].index_copy_(0, perm_asc[i], dg_asc[i].to(dtype))
+                dg.copy_(_rows(dg_asc, rank))
                 del dg_asc
             if need_db:  # db_j = g_j . (sum dy_i) / M  (xg holds g / M)
-                db_asc = R_dy.mul_(xg.flip(1)).sum(-1)
-                db = torch.empty_like(db_asc).scatter_(1, perm_asc, db_asc)
+                db = torch.gather(R_dy.mul_(xg.flip(1)).sum(-1), 1, rank)
             del R_dy, R_ady
         if need_t:
             dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
