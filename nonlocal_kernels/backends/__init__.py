@@ -2,6 +2,7 @@
 
 from . import registry
 from . import reference  # noqa: F401  (registers "reference")
+from . import fast  # noqa: F401  (registers "fast": exact dot_product / concatenation paths)
 from . import triton  # noqa: F401  (registers "triton")
 from .registry import available_backends
 
