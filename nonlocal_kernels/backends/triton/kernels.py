@@ -75,6 +75,21 @@ def _scores(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, a_
     return s
 
 
+@triton.jit
+def _scores_hold_b(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, b_hold, DK,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NUM_K: tl.constexpr, IEEE: tl.constexpr):
+    """As _scores, but with NUM_K == 1 it is the b tile (``b_hold``) that the caller holds."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if NUM_K == 1:
+        at = _load_tile(a_base, a_rows, offs_k, s_an, s_ak, n_a, DK)
+        s = _dot(at, tl.trans(b_hold), tl.zeros([BLOCK_A, BLOCK_B], tl.float32), IEEE)
+    else:
+        s = _scores(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, a_base,
+                    DK, BLOCK_A, BLOCK_B, BLOCK_K, NUM_K, IEEE)
+    return s
+
+
 # ------------------------------------------------------------------------------------------
 # Forward: y (B, N, dv) and lse (B, N) float32. Grid (B * cdiv(N, BLOCK_M), cdiv(dv, BLOCK_V)).
 # ------------------------------------------------------------------------------------------
@@ -252,8 +267,13 @@ def softmax_bwd_kv_kernel(
         offs_m = start_m + offs_m0
         m_ok = offs_m < N
         # S^T (BLOCK_N, BLOCK_M) and P^T = exp(S^T - lse); rows >= N get lse = +inf, so P = 0.
-        st = _scores(ph, s_pm, s_pk, offs_n, M, th, s_tn, s_tk, offs_m, N, k_hold, DK,
-                     BLOCK_N, BLOCK_M, BLOCK_K, NUM_K, IEEE)
+        # S^T is the transpose of theta phi^T, the operand order of the forward (and the q
+        # kernel), not phi theta^T: P = exp(S - lse) is only as accurate as S matches the S
+        # that lse came from (a dominant weight's rounding error in S cancels against lse's
+        # only then), and a dot product's rounding need not be symmetric in its operands (the
+        # interpreter's BLAS is not: phi theta^T cost up to 1.6x the tolerance on dg).
+        st = tl.trans(_scores_hold_b(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M,
+                                     k_hold, DK, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE))
         lse2 = tl.load(lse_b + offs_m.to(tl.int64) * s_ln, mask=m_ok,
                        other=float("inf")) * 1.4426950408889634
         pt = tl.exp2(st * qk_scale - lse2[None, :])
