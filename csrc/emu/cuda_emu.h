@@ -12,8 +12,11 @@
 //   different barriers, a thread exiting while others wait at a barrier, a lane of a mask that
 //   exits or never arrives, a lane calling a collective without its own bit in the mask, deadlock.
 // - The order in which ready threads run is selectable (set_run_order / NONLOCAL_KERNELS_EMU_ORDER:
-//   "forward", "reverse", "random:SEED"); blocks run in the same order. A missing barrier gives a
-//   wrong result under some order, so tests run several.
+//   "forward", "reverse", "random:SEED"): the ready thread first in that order always runs next,
+//   so under "forward" warp 0 runs ahead to the next barrier before warp 1 starts, under
+//   "reverse" the last warp does, under "random" a fresh random order after every barrier. Blocks
+//   run in the same order. A missing barrier gives a wrong result under some order, so tests run
+//   several.
 // - Dynamic shared memory (EMU_DYNAMIC_SMEM / cuda_emu::dynamic_smem) is a fresh allocation of
 //   exactly the requested size, filled with 0xFF (NaN as float) at every block start.
 // - nvcuda::wmma for m16n16k16 (__half, __nv_bfloat16 -> float) and m16n16k8 (precision::tf32 ->
@@ -143,6 +146,9 @@ struct Runtime {
   Order order = Order::Forward;
   uint64_t seed = 0;
   size_t stack_bytes = 0;
+  // Scheduling: the ready thread with the lowest rank runs next (see set_order_ranks).
+  std::vector<int> by_rank, rank_of;
+  std::vector<uint64_t> ready_bits;  // by rank
 };
 
 inline Runtime& runtime() {
@@ -311,10 +317,36 @@ inline void load_order_from_env() {
   if (const char* v = std::getenv("NONLOCAL_KERNELS_EMU_ORDER")) parse_order(v, &R.order, &R.seed);
 }
 
-inline void make_order(std::vector<int>& idx, int n, Order order, std::mt19937_64& rng) {
-  idx.resize(n);
-  for (int i = 0; i < n; ++i) idx[i] = order == Order::Reverse ? n - 1 - i : i;
-  if (order == Order::Random) std::shuffle(idx.begin(), idx.end(), rng);
+// The ready thread of lowest rank always runs next. Forward: rank = thread index, so thread 0
+// runs until it parks, then thread 1, ..., and warp 0 runs all the way to the next barrier (its
+// warp collectives complete among its own lanes) before warp 1 starts: the largest possible skew
+// between warps. Reverse: the opposite. Random: a fresh random ranking after every barrier.
+inline void set_order_ranks(Runtime& R, int n, std::mt19937_64& rng) {
+  R.by_rank.resize(n);
+  R.rank_of.resize(n);
+  for (int i = 0; i < n; ++i) R.by_rank[i] = R.order == Order::Reverse ? n - 1 - i : i;
+  if (R.order == Order::Random) std::shuffle(R.by_rank.begin(), R.by_rank.end(), rng);
+  for (int i = 0; i < n; ++i) R.rank_of[R.by_rank[i]] = i;
+  R.ready_bits.assign((n + 63) / 64, 0);
+}
+
+inline void mark_ready(Fiber* f) {
+  Runtime& R = runtime();
+  f->state = St::Ready;
+  const int r = R.rank_of[f->linear];
+  R.ready_bits[r / 64] |= uint64_t(1) << (r % 64);
+}
+
+// The ready fiber of lowest rank (removed from the ready set), or nullptr.
+inline Fiber* next_ready() {
+  Runtime& R = runtime();
+  for (size_t w = 0; w < R.ready_bits.size(); ++w) {
+    if (R.ready_bits[w] == 0) continue;
+    const int bit = __builtin_ctzll(R.ready_bits[w]);
+    R.ready_bits[w] &= R.ready_bits[w] - 1;
+    return R.fibers[R.by_rank[int(w) * 64 + bit]].get();
+  }
+  return nullptr;
 }
 
 // --- warp collectives -------------------------------------------------------------------------
@@ -359,7 +391,7 @@ inline void try_complete(Fiber* f) {
   }
   f->op.complete(lanes, group, f->op);
   for (int l = 0; l < 32; ++l)
-    if (lanes[l]) lanes[l]->state = St::Ready;
+    if (lanes[l]) mark_ready(lanes[l]);
 }
 
 // Scheduler side, after f exited: no collective may still wait for it.
@@ -400,30 +432,26 @@ __attribute__((noinline)) inline void init_context(Fiber* f) {
   makecontext(&f->uc, fiber_main, 0);
 }
 
-inline void run_block(std::mt19937_64& rng, std::vector<int>& order) {
+inline void run_block(std::mt19937_64& rng) {
   Runtime& R = runtime();
   const int n = R.nthreads;
+  set_order_ranks(R, n, rng);
   for (int t = 0; t < n; ++t) {
     Fiber* f = R.fibers[t].get();
-    f->state = St::Ready;
     f->started = false;
     f->asan_fake = nullptr;
     init_context(f);
+    mark_ready(f);
   }
   if (R.smem) std::memset(R.smem, 0xFF, R.smem_bytes);
   for (;;) {
-    make_order(order, n, R.order, rng);
-    bool ran = false;
-    for (int t : order) {
-      Fiber* f = R.fibers[t].get();
-      if (f->state != St::Ready) continue;
-      ran = true;
+    if (Fiber* f = next_ready()) {
       resume(f);
       if (!R.error.empty()) throw Error(R.error);
       if (f->state == St::Warp) try_complete(f);
       else if (f->state == St::Done) check_exit(f);
+      continue;
     }
-    if (ran) continue;
     // Nobody can run: the block is done, a barrier releases, or something is wrong.
     const Fiber* sync = nullptr;
     const Fiber* exited = nullptr;
@@ -458,7 +486,8 @@ inline void run_block(std::mt19937_64& rng, std::vector<int>& order) {
              where(sync->sync_file, sync->sync_line) + ", " + thread_name(*f) + " at " +
              where(f->sync_file, f->sync_line));
     }
-    for (int t = 0; t < n; ++t) R.fibers[t]->state = St::Ready;
+    if (R.order == Order::Random) set_order_ranks(R, n, rng);
+    for (int t = 0; t < n; ++t) mark_ready(R.fibers[t].get());
   }
 }
 
@@ -523,7 +552,6 @@ inline void launch(dim3 grid, dim3 block, size_t smem, void (*body)(void*), void
   g_block_dim = block;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   std::mt19937_64 rng(R.seed * 0x9E3779B97F4A7C15ull + 12345);
-  std::vector<int> order;
   std::vector<uint64_t> blocks;
   if (R.order == Order::Random) {
     blocks.resize(nblocks);
@@ -536,7 +564,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem, void (*body)(void*), void
     g_block_idx = uint3{unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
                         unsigned(b / (uint64_t(grid.x) * grid.y))};
     try {
-      run_block(rng, order);
+      run_block(rng);
     } catch (const Error& e) {
       throw Error(std::string(e.what()) + at);
     }

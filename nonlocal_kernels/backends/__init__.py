@@ -2,6 +2,8 @@
 
 from . import registry
 from . import reference  # noqa: F401  (registers "reference")
+from . import cuda  # noqa: F401  (registers "cuda")
+from . import cuda_emu  # noqa: F401  (registers "cuda_emu", tests only)
 from .registry import available_backends
 
 __all__ = ["registry", "available_backends"]
