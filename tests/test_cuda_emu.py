@@ -134,6 +134,16 @@ def test_backend_declaration():
     assert not registry.get("cuda_emu").auto
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "strided"])
+def test_opcheck(layout):
+    # Schema, fake (meta) kernels against the real outputs' shapes / strides, dispatch.
+    theta, phi, g = make_inputs(2, 37, 45, 19, 23, layout=layout)
+    torch.library.opcheck(torch.ops.nonlocal_kernels_emu.softmax_fwd.default, (theta, phi, g, 0.5))
+    y, lse = torch.ops.nonlocal_kernels_emu.softmax_fwd(theta, phi, g, 0.5)
+    torch.library.opcheck(torch.ops.nonlocal_kernels_emu.softmax_bwd.default,
+                          (torch.randn_like(y), theta, phi, g, y, lse, 0.5))
+
+
 def test_direct_op_checks():
     theta, phi, g = torch.randn(1, 4, 3), torch.randn(1, 5, 3), torch.randn(1, 5, 2)
     with pytest.raises(RuntimeError, match="phi"):

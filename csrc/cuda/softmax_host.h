@@ -95,9 +95,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_softmax_bwd(
   const SoftmaxLaunchFn fn =
       pick_softmax_kernel(kernels, theta.scalar_type(), at::globalContext().allowTF32CuBLAS(),
                           true, op);
-  at::Tensor dtheta = new_output(theta.sizes(), theta.options());
-  at::Tensor dphi = new_output(phi.sizes(), phi.options());
-  at::Tensor dg = new_output(g.sizes(), g.options());
+  at::Tensor dtheta = new_output_like(theta);
+  at::Tensor dphi = new_output_like(phi);
+  at::Tensor dg = new_output_like(g);
   at::Tensor workspace = at::empty({3, B, N}, theta.options().dtype(at::kFloat));
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   p.y = const_cast<void*>(y.const_data_ptr());
