@@ -52,6 +52,9 @@ SHAPES = [
     pytest.param((1, 20, 17, 2100, 3), "contiguous", id="dk2100"),
     pytest.param((1, 20, 17, 3, 2100), "channels_first", id="dv2100"),
     pytest.param((3, 1, 64, 16, 16), "strided", id="N1-M64"),
+    # Strides that are multiples of 16 bytes: the kernels' 16-byte vector loads.
+    pytest.param((1, 136, 72, 40, 24), "channels_first", id="aligned-channels-first"),
+    pytest.param((2, 70, 130, 72, 200), "contiguous", id="aligned-contiguous"),
 ]
 
 
@@ -87,6 +90,17 @@ def test_large_and_negative_scale(scale):
     # Large logits: the online max subtraction must keep exp() finite.
     _check((1, 70, 90, 32, 8), torch.float32, scale=scale)
     _check((1, 70, 90, 32, 8), torch.float16, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_rows_ending_mid_vector(dtype):
+    # 16-byte aligned rows whose valid part ends inside a vector: (.., 24)[..., :19] etc.
+    theta = torch.randn(2, 70, 24, dtype=dtype)[..., :19]
+    phi = torch.randn(2, 37, 24, dtype=dtype)[..., :19]
+    g = torch.randn(2, 32, 40, dtype=dtype).transpose(1, 2)[:, :37, :23]  # columns of 40
+    with cuda_emu.run_order("reverse"):
+        assert_all_ok(compare_with_oracle(theta, phi, g, backend="cuda_emu", scale=0.5,
+                                          return_lse=True))
 
 
 def test_no_lse_and_extra_batch_dims():

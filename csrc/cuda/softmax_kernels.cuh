@@ -205,10 +205,47 @@ __device__ void discover_layout(FragMap<P>& map, float* scratch) {
 
 // Copy a ROWS x COLS tile of a strided global matrix into shared memory (leading dimension ld),
 // converting to In; rows >= rv or columns >= cv are zero. Threads walk the dimension with unit
-// stride in memory, so channels-first views load coalesced too.
+// stride in memory, so channels-first views load coalesced too; where that dimension has unit
+// stride, the base is 16-byte aligned and the other stride a multiple of 16 bytes, each thread
+// moves 16 bytes at a time (vectors that cross rv / cv fall back to element loads).
+template <int ROWS, int COLS, int THREADS, bool ROWS_FAST, class In, class T>
+__device__ void load_tile_vec(In* dst, int ld, const T* src, int64_t other, int rv, int cv) {
+  constexpr int V = 16 / int(sizeof(T));
+  constexpr int FAST = ROWS_FAST ? ROWS : COLS;
+  static_assert(FAST % V == 0, "tile edge must hold whole 16-byte vectors");
+  for (int e = threadIdx.x; e < ROWS * COLS / V; e += THREADS) {
+    const int slow = e / (FAST / V), f0 = (e % (FAST / V)) * V;
+    const int r0 = ROWS_FAST ? f0 : slow, c0 = ROWS_FAST ? slow : f0;
+    const int fast_valid = ROWS_FAST ? rv : cv;
+    const bool slow_ok = ROWS_FAST ? c0 < cv : r0 < rv;
+    const T* p = src + slow * other + f0;
+    T v[V];
+    if (slow_ok && f0 + V <= fast_valid) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      memcpy(static_cast<void*>(v), &raw, 16);
+    } else {
+      for (int k = 0; k < V; ++k) v[k] = slow_ok && f0 + k < fast_valid ? p[k] : from_float<T>(0.f);
+    }
+    for (int k = 0; k < V; ++k) {
+      const int r = ROWS_FAST ? r0 + k : r0, c = ROWS_FAST ? c0 : c0 + k;
+      dst[r * ld + c] = from_float<In>(to_float(v[k]));
+    }
+  }
+}
+
 template <int ROWS, int COLS, int THREADS, class In, class T>
 __device__ void load_tile(In* dst, int ld, const T* src, int64_t sr, int64_t sc, int rv, int cv) {
+  constexpr int V = 16 / int(sizeof(T));
   const bool rows_fast = sr == 1 && sc != 1;
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (rows_fast && aligned && sc % V == 0) {
+    load_tile_vec<ROWS, COLS, THREADS, true>(dst, ld, src, sc, rv, cv);
+    return;
+  }
+  if (!rows_fast && sc == 1 && aligned && sr % V == 0) {
+    load_tile_vec<ROWS, COLS, THREADS, false>(dst, ld, src, sr, rv, cv);
+    return;
+  }
   for (int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
     const int r = rows_fast ? e % ROWS : e / COLS;
     const int c = rows_fast ? e / ROWS : e % COLS;

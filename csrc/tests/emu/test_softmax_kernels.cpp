@@ -3,7 +3,9 @@
 // compute type, ragged sizes, channels-first / padded strides, several run orders. Errors are
 // held to a dtype bound relative to the largest reference value. Built by CMake twice: optimised,
 // and with AddressSanitizer + UBSan (fewer cases, NONLOCAL_EMU_TEST_SMALL), which also checks
-// that no kernel reads or writes outside its tensors or its shared memory.
+// that no kernel reads or writes outside its tensors or its shared memory (tensors here have
+// exactly the allocation their strides need). Covers the 16-byte vector loads (aligned strides,
+// including rows that end mid-vector) and the element loads (odd strides).
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -32,12 +34,15 @@ template <class T>
 struct Tensor3 {
   int64_t B, R, C, s[3];
   std::vector<T> data;
-  Tensor3(int64_t b, int64_t r, int64_t c, bool channels_first, bool padded) : B(b), R(r), C(c) {
-    const int64_t pad = padded ? 3 : 0;
-    if (channels_first) {  // (B, C, R + pad) viewed as (B, R, C)
-      s[1] = 1, s[2] = r + pad, s[0] = c * (r + pad);
-    } else {  // (B, R, C + pad)
-      s[2] = 1, s[1] = c + pad, s[0] = r * (c + pad);
+  // padded: rows (or columns) padded by 3 elements (unaligned), or up to a multiple of 8
+  // elements when pad8 (16-byte aligned rows whose valid part ends mid-vector).
+  Tensor3(int64_t b, int64_t r, int64_t c, bool channels_first, bool padded, bool pad8 = false)
+      : B(b), R(r), C(c) {
+    auto ext = [&](int64_t n) { return pad8 ? (n + 7) / 8 * 8 : n + (padded ? 3 : 0); };
+    if (channels_first) {  // (B, C, R') viewed as (B, R, C)
+      s[1] = 1, s[2] = ext(r), s[0] = c * ext(r);
+    } else {  // (B, R, C')
+      s[2] = 1, s[1] = ext(c), s[0] = r * ext(c);
     }
     data.assign(size_t(b * s[0]), cvt<T>(NAN));
   }
@@ -49,6 +54,7 @@ struct Case {
   int64_t B, N, M, dk, dv;
   bool channels_first, padded;
   float scale;
+  bool pad8 = false;
 };
 
 using LaunchFn = const char* (*)(const NonlocalSoftmaxParams&, void*);
@@ -58,8 +64,9 @@ static void run_case(const char* kind, LaunchFn fwd, LaunchFn bwd, double tol, c
                      const char* order, std::mt19937& rng) {
   cuda_emu::set_run_order(order);
   std::normal_distribution<float> nd;
-  Tensor3<T> th(c.B, c.N, c.dk, c.channels_first, c.padded), ph(c.B, c.M, c.dk, c.channels_first, c.padded),
-      g(c.B, c.M, c.dv, c.channels_first, c.padded), dy(c.B, c.N, c.dv, false, c.padded);
+  Tensor3<T> th(c.B, c.N, c.dk, c.channels_first, c.padded, c.pad8),
+      ph(c.B, c.M, c.dk, c.channels_first, c.padded, c.pad8),
+      g(c.B, c.M, c.dv, c.channels_first, c.padded, c.pad8), dy(c.B, c.N, c.dv, false, c.padded, c.pad8);
   for (int64_t b = 0; b < c.B; ++b) {
     for (int64_t i = 0; i < c.N; ++i)
       for (int64_t k = 0; k < c.dk; ++k) th.at(b, i, k) = cvt<T>(nd(rng));
@@ -165,12 +172,16 @@ static void run_case(const char* kind, LaunchFn fwd, LaunchFn bwd, double tol, c
 int main() {
   std::mt19937 rng(7);
 #if NONLOCAL_EMU_TEST_SMALL
-  const std::vector<Case> cases = {{1, 70, 37, 19, 23, true, false, 0.5f}};
+  const std::vector<Case> cases = {{1, 70, 37, 19, 23, true, false, 0.5f},
+                                   {1, 70, 37, 19, 23, false, false, 0.5f, true}};
   const std::vector<const char*> orders = {"random:1"};
 #else
   const std::vector<Case> cases = {{2, 70, 37, 19, 23, true, false, 0.5f},
                                    {1, 33, 80, 130, 140, false, true, 0.3f},
-                                   {3, 1, 5, 1, 2, false, true, 2.0f}};
+                                   {3, 1, 5, 1, 2, false, true, 2.0f},
+                                   {1, 136, 72, 40, 24, true, false, 0.5f},     // 16-byte loads
+                                   {2, 70, 37, 19, 23, false, false, 0.5f, true},  // partial vectors
+                                   {1, 37, 70, 130, 70, true, false, 0.5f, true}};
   const std::vector<const char*> orders = {"forward", "reverse", "random:1"};
 #endif
   for (const Case& c : cases) {
