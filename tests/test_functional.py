@@ -119,6 +119,8 @@ def _fake_backend(name, priority=10, reason=None, modes=registry.MODES, auto=Tru
 
 
 def test_auto_picks_highest_priority_available_backend(monkeypatch):
+    # Only the reference and the fakes: the real backends (priorities up to 200) stay out.
+    monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     calls = []
     for b in (_fake_backend("t_low", 10, calls=calls), _fake_backend("t_high", 20, calls=calls),
               _fake_backend("t_missing", 30, reason="frobnicator not installed", calls=calls),
