@@ -9,7 +9,9 @@
 #      (pip install --no-build-isolation --no-deps -e ., TORCH_CUDA_ARCH_LIST=<this GPU>),
 #   3. runs the whole test suite, `gpu` tests included (Triton autotuning off: each candidate
 #      configuration is checked by test_every_gpu_config instead of tuning every test shape),
-#   4. runs compute-sanitizer memcheck on one small case per GPU backend, where present,
+#   4. runs compute-sanitizer memcheck on one small case per GPU backend, and racecheck,
+#      synccheck and memcheck on the `cuda` backend's cases (scripts/gpu_check_cuda.sh), where
+#      compute-sanitizer is present,
 #   5. runs the benchmark CLI on the GPU shapes (python -m benchmarks --preset gpu),
 #   6. runs the Triton head-dim caps sweep (scripts/triton_sweep.py),
 # and writes every log and table into OUT_DIR, with OUT_DIR/summary.txt listing each step's
@@ -140,6 +142,7 @@ run_step tests 180 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISO
 if command -v compute-sanitizer >/dev/null 2>&1; then
     run_step sanitizer 40 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 \
         compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" scripts/gpu_sanitize_case.py
+    run_step cuda-sanitizer 90 env CUDA_CHECK_TESTS=0 bash scripts/gpu_check_cuda.sh "$OUT/cuda" "$PY"
 else
     echo "== sanitizer: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU-machine section for the `cuda` backend, called by scripts/gpu_check.sh (or alone) after the
 # package is built there. Usage: scripts/gpu_check_cuda.sh OUT_DIR [PYTHON]
+# CUDA_CHECK_TESTS=0 skips step 1 (gpu_check.sh sets it: its own test step ran the whole suite).
 #   1. tests/test_cuda.py (the `gpu` tests of the cuda backend)      -> OUT_DIR/cuda_tests.log
 #   2. compute-sanitizer racecheck, synccheck, memcheck on the small
 #      cases of scripts/cuda_sanitizer_cases.py, where installed      -> OUT_DIR/sanitizer_*.log
@@ -24,8 +25,10 @@ step() {  # name, log, command...
   [ $rc -eq 0 ] || status=1
 }
 
-step "cuda tests" "$OUT/cuda_tests.log" \
-  "$PY" -m pytest tests/test_cuda.py -v -rs --durations=10
+if [ "${CUDA_CHECK_TESTS:-1}" != 0 ]; then
+  step "cuda tests" "$OUT/cuda_tests.log" \
+    "$PY" -m pytest tests/test_cuda.py -v -rs --durations=10
+fi
 
 SAN=$(command -v compute-sanitizer || true)
 for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
