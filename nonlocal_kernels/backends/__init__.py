@@ -2,6 +2,7 @@
 
 from . import registry
 from . import reference  # noqa: F401  (registers "reference")
+from . import cpu  # noqa: F401  (registers "cpu")
 from .registry import available_backends
 
 __all__ = ["registry", "available_backends"]

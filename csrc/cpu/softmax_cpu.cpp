@@ -1,0 +1,277 @@
+// CPU implementations of nonlocal_kernels::softmax_fwd / softmax_bwd: argument checks, output
+// allocation, the work plan (tile sizes, backward groups, packed phi/g), at::parallel_for, and
+// the choice of kernel table (AVX2 or portable). The tile kernels are in softmax_kernel_impl.h.
+//
+// Tuning knobs (environment, read at every call; for benchmarks and tests):
+//   NONLOCAL_KERNELS_CPU_GEMM = blas | vec   tile products via BLAS (default when linked) or the
+//                                             Vectorized GEMM
+//   NONLOCAL_KERNELS_CPU_ISA  = avx2 | default   force a kernel table (default: best supported)
+//   NONLOCAL_KERNELS_CPU_PACK = 1             always copy phi/g into packed buffers
+//   NONLOCAL_KERNELS_CPU_BM / _BN             query / key tile rows
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <tuple>
+
+#include "cpu/softmax_cpu.h"
+#include "ops_common.h"
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace nonlocal_kernels::cpu {
+
+bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  std::string v = env(name);
+  if (v.empty()) return fallback;
+  char* end = nullptr;
+  long long x = std::strtoll(v.c_str(), &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && x >= 1, name, ": expected a positive integer, got '",
+              v, "'");
+  return x;
+}
+
+const KernelTable& kernels() {
+  std::string isa = env("NONLOCAL_KERNELS_CPU_ISA");
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "default",
+              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx2' or 'default', got '", isa, "'");
+#if defined(__x86_64__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa != "default" && has_avx2) return kKernelsAVX2;
+  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA");
+#else
+  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: not an x86-64 build");
+#endif
+  return kKernelsDefault;
+}
+
+DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return DType::kFloat64;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, ": expected float64, float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Like new_output, but with the sizes and (dense) strides of `like`, as torch.empty_like: the
+// fake implementation of softmax_bwd returns empty_like(theta) etc.
+at::Tensor new_output_like(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like, at::MemoryFormat::Preserve);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+bool use_blas_for(at::ScalarType t) {
+  std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
+  TORCH_CHECK(mode.empty() || mode == "blas" || mode == "vec",
+              "NONLOCAL_KERNELS_CPU_GEMM: expected 'blas' or 'vec', got '", mode, "'");
+  if (mode == "vec") return false;
+  TORCH_CHECK(mode.empty() || blas_available(),
+              "NONLOCAL_KERNELS_CPU_GEMM=blas: no BLAS sgemm_/dgemm_ is linked in this process");
+  (void)t;
+  return blas_available();
+}
+
+// phi or g as the kernels read it (rows x cols per batch, compute type). Read in place when it
+// already is the compute type with a unit stride the tile GEMM can use; otherwise packed into a
+// contiguous (B, rows, cols) buffer kept alive by `holder`.
+MatView prepare_operand(const at::Tensor& t, bool use_blas, const KernelTable& kt,
+                        at::Tensor& holder) {
+  const int64_t B = t.size(0), rows = t.size(1), cols = t.size(2);
+  const int64_t bs = t.stride(0), rs = t.stride(1), cs = t.stride(2);
+  const bool same_type = t.scalar_type() == compute_type(t.scalar_type());
+  const bool row_major = cs == 1 && (rows == 1 || rs >= cols);
+  const bool col_major = rs == 1 && (cols == 1 || cs >= rows);
+  const bool force_pack = env("NONLOCAL_KERNELS_CPU_PACK") == "1";
+  if (same_type && !force_pack && (row_major || (use_blas && col_major)))
+    return MatView{t.data_ptr(), bs, rs, cs};
+  holder = at::empty({B, rows, cols}, t.options().dtype(compute_type(t.scalar_type())));
+  const void* src = t.data_ptr();
+  void* dst = holder.data_ptr();
+  const DType dt = to_dtype(t, "input");
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    kt.pack(dt, src, bs, rs, cs, rows, cols, dst, b0, b1);
+  });
+  return MatView{dst, rows * cols, cols, 1};
+}
+
+// Query rows per tile and key rows per tile. Bigger tiles amortise the per-tile row work and
+// the re-reads of phi/g; the working set (BM x (dk + dv) + BN x (dk + dv) + BM x BN floats)
+// should stay near the L2 cache.
+void choose_tiles(int64_t N, int64_t M, int64_t dk, int64_t dv, int64_t& BM, int64_t& BN) {
+  (void)dk;
+  (void)dv;
+  BM = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
+  BN = env_int("NONLOCAL_KERNELS_CPU_BN", 128);
+  BM = std::min(BM, N);
+  BN = std::min(BN, M);
+}
+
+void fill_common(NonlocalSoftmaxParams& p, const at::Tensor& theta, const at::Tensor& phi,
+                 const at::Tensor& g, double scale) {
+  std::memset(&p, 0, sizeof(p));
+  p.B = theta.size(0);
+  p.N = theta.size(1);
+  p.M = phi.size(1);
+  p.dk = theta.size(2);
+  p.dv = g.size(2);
+  p.scale = static_cast<float>(scale);
+  p.theta = theta.data_ptr();
+  p.phi = phi.data_ptr();
+  p.g = g.data_ptr();
+  set_strides3(p.theta_stride, theta);
+  set_strides3(p.phi_stride, phi);
+  set_strides3(p.g_stride, g);
+}
+
+void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
+  check_softmax_inputs(theta, phi, g);
+  TORCH_CHECK(theta.device().is_cpu(), "theta: expected a CPU tensor, got ", theta.device());
+  to_dtype(theta, "theta");
+  TORCH_CHECK(phi.size(1) >= 1, "phi: M (number of key positions) must be >= 1, got phi ",
+              phi.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                   const at::Tensor& g, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
+  at::Tensor y = new_output({B, N, dv}, theta.options());
+  at::Tensor lse = new_output({B, N}, theta.options().dtype(lse_dtype(theta.scalar_type())));
+  if (B == 0 || N == 0) return {y, lse};
+
+  NonlocalSoftmaxParams p;
+  fill_common(p, theta, phi, g, scale);
+  p.y = y.data_ptr();
+  p.lse = lse.data_ptr();
+  set_strides3(p.y_stride, y);
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+
+  const KernelTable& kt = kernels();
+  CpuPlan plan{};
+  plan.dtype = to_dtype(theta, "theta");
+  plan.use_blas = use_blas_for(theta.scalar_type());
+  choose_tiles(p.N, p.M, p.dk, p.dv, plan.BM, plan.BN);
+  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+  at::Tensor k_hold, v_hold;
+  plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+  plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  at::parallel_for(0, B * plan.n_qtiles, 1,
+                   [&](int64_t t0, int64_t t1) { kt.forward(p, plan, t0, t1); });
+  return {y, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
+                dv = g.size(2);
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N && dy.size(2) == dv,
+              "dy: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", dy.sizes());
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == B && y.size(1) == N && y.size(2) == dv,
+              "y: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", y.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == N,
+              "lse: expected (B, N) = (", B, ", ", N, "), got ", lse.sizes());
+  TORCH_CHECK(dy.scalar_type() == theta.scalar_type() && y.scalar_type() == theta.scalar_type(),
+              "dy, y: expected dtype ", theta.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(theta.scalar_type()), "lse: expected dtype ",
+              lse_dtype(theta.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK(dy.device().is_cpu() && y.device().is_cpu() && lse.device().is_cpu(),
+              "dy, y, lse: expected CPU tensors");
+
+  at::Tensor dtheta = new_output_like(theta);
+  at::Tensor dphi = new_output_like(phi);
+  at::Tensor dg = new_output_like(g);
+  if (B == 0) return {dtheta, dphi, dg};
+  if (N == 0) {  // no query rows: nothing flows to phi or g
+    dphi.zero_();
+    dg.zero_();
+    return {dtheta, dphi, dg};
+  }
+
+  NonlocalSoftmaxParams p;
+  fill_common(p, theta, phi, g, scale);
+  p.y = const_cast<void*>(y.data_ptr());
+  p.lse = const_cast<void*>(lse.data_ptr());
+  set_strides3(p.y_stride, y);
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+  p.dy = dy.data_ptr();
+  set_strides3(p.dy_stride, dy);
+  p.dtheta = dtheta.data_ptr();
+  p.dphi = dphi.data_ptr();
+  p.dg = dg.data_ptr();
+  set_strides3(p.dtheta_stride, dtheta);
+  set_strides3(p.dphi_stride, dphi);
+  set_strides3(p.dg_stride, dg);
+
+  const KernelTable& kt = kernels();
+  CpuPlan plan{};
+  plan.dtype = to_dtype(theta, "theta");
+  plan.use_blas = use_blas_for(theta.scalar_type());
+  choose_tiles(N, M, dk, dv, plan.BM, plan.BN);
+  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+
+  // Query-tile groups per batch: enough tasks (B * G) to share evenly among the threads, each
+  // group with its own partial dphi/dg (G * M * (dk + dv) per batch, capped at 512 MiB). The
+  // result depends on G, hence on the thread count, but is bit-identical run to run.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t G = threads / std::gcd(B, threads);
+  const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
+  const int64_t per_group = B * M * (dk + dv) * esize;
+  while (G > 1 && G * per_group > (int64_t(512) << 20)) --G;
+  G = std::max<int64_t>(1, std::min(G, plan.n_qtiles));
+  plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
+  plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
+
+  at::Tensor k_hold, v_hold;
+  plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+  plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  at::Tensor partial =
+      at::empty({B, plan.groups, M, dk + dv}, theta.options().dtype(compute_type(theta.scalar_type())));
+  plan.partial = partial.data_ptr();
+  p.workspace = plan.partial;
+
+  at::parallel_for(0, B * plan.groups, 1,
+                   [&](int64_t t0, int64_t t1) { kt.backward(p, plan, t0, t1); });
+  at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
+  return {dtheta, dphi, dg};
+}
+
+}  // namespace
+}  // namespace nonlocal_kernels::cpu
+
+TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {
+  m.impl("softmax_fwd", &nonlocal_kernels::cpu::softmax_fwd_cpu);
+  m.impl("softmax_bwd", &nonlocal_kernels::cpu::softmax_bwd_cpu);
+}

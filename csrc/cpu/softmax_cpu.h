@@ -1,0 +1,68 @@
+// CPU kernels of the softmax family (DESIGN.md section 4): the interface between the op
+// registration (softmax_cpu.cpp: checks, allocation, at::parallel_for) and the tile kernels,
+// which are compiled once per instruction set (softmax_kernel_avx2.cpp with AVX2+FMA on x86-64,
+// softmax_kernel_default.cpp for any CPU) from softmax_kernel_impl.h and picked at run time.
+//
+// Work split (both passes are deterministic: no atomics, every sum has a fixed order):
+// - forward: one task per (batch, tile of BM query rows); it streams over key tiles of BN rows
+//   with the online softmax, so each output row is produced by exactly one task.
+// - backward: one task per (batch, group of consecutive query tiles). A task recomputes
+//   P = exp(S - lse) per (query tile, key tile) and accumulates dtheta for its own rows, and
+//   dphi/dg into its group's private fp32 partial sums (B, G, M, dk + dv); a second parallel
+//   pass adds the G partials in group order. G >= 2 only when B alone cannot feed every thread.
+#pragma once
+
+#include <stdint.h>
+
+#include "params.h"
+
+namespace nonlocal_kernels::cpu {
+
+enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A matrix of the compute type (float, or double for float64 inputs) read through its strides:
+// element (batch b, row r, column c) is at ptr[b * bs + r * rs + c * cs].
+struct MatView {
+  const void* ptr;
+  int64_t bs, rs, cs;
+};
+
+struct CpuPlan {
+  DType dtype;
+  int64_t BM, BN;       // query / key tile rows
+  int64_t n_qtiles;     // ceil(N / BM)
+  int64_t groups;       // backward: query-tile groups per batch (partial dphi/dg sums)
+  int64_t tiles_per_group;
+  bool use_blas;        // BLAS (sgemm_/dgemm_) on tiles, else the Vectorized GEMM below
+  // phi and g as the kernels read them: the inputs themselves (float32/float64 with a unit
+  // stride) or a packed contiguous copy in the compute type.
+  MatView k, v;
+  // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
+  void* partial;
+};
+
+struct KernelTable {
+  const char* name;
+  // Copy rows x cols (per batch, B batches from b0 to b1) of a strided input of `dtype` into a
+  // contiguous buffer of the compute type.
+  void (*pack)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
+               int64_t cols, void* dst, int64_t b0, int64_t b1);
+  void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,
+                  int64_t task_end);
+  void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,
+                   int64_t task_end);
+  // dphi/dg rows [row_begin, row_end) of the flattened (B * M) rows from the partial sums.
+  void (*reduce)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t row_begin,
+                 int64_t row_end);
+};
+
+// Defined by softmax_kernel_default.cpp (always) and softmax_kernel_avx2.cpp (x86-64 only).
+extern const KernelTable kKernelsDefault;
+#if defined(__x86_64__)
+extern const KernelTable kKernelsAVX2;
+#endif
+
+// Whether a BLAS sgemm_/dgemm_ is linked into this process (torch's MKL/OpenBLAS).
+bool blas_available();
+
+}  // namespace nonlocal_kernels::cpu
