@@ -3,10 +3,10 @@
 // the choice of kernel table (AVX2 or portable). The tile kernels are in softmax_kernel_impl.h.
 //
 // Tuning knobs (environment, read at every call; for benchmarks and tests):
-//   NONLOCAL_KERNELS_CPU_GEMM = blas | vec   tile products via BLAS (default when linked) or the
-//                                             Vectorized GEMM
+//   NONLOCAL_KERNELS_CPU_GEMM = vec | blas   tile products via the Vectorized panel GEMM
+//                                             (default) or BLAS sgemm_/dgemm_ calls on tiles
 //   NONLOCAL_KERNELS_CPU_ISA  = avx2 | default   force a kernel table (default: best supported)
-//   NONLOCAL_KERNELS_CPU_PACK = 1             always copy phi/g into packed buffers
+//   NONLOCAL_KERNELS_CPU_PACK = 1             blas path: always copy phi/g (contiguous)
 //   NONLOCAL_KERNELS_CPU_BM / _BN             query / key tile rows
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -89,15 +89,31 @@ at::Tensor new_output_like(const at::Tensor& like) {
   return t;
 }
 
-bool use_blas_for(at::ScalarType t) {
+// GEMM path: the Vectorized panel GEMM ("vec", default) or BLAS on tiles ("blas").
+bool use_packed_path() {
   std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
   TORCH_CHECK(mode.empty() || mode == "blas" || mode == "vec",
               "NONLOCAL_KERNELS_CPU_GEMM: expected 'blas' or 'vec', got '", mode, "'");
-  if (mode == "vec") return false;
-  TORCH_CHECK(mode.empty() || blas_available(),
+  TORCH_CHECK(mode != "blas" || blas_available(),
               "NONLOCAL_KERNELS_CPU_GEMM=blas: no BLAS sgemm_/dgemm_ is linked in this process");
-  (void)t;
-  return blas_available();
+  return mode != "blas";
+}
+
+// B-panels (kernel layout) of the k x n matrices t[b](r, c) with strides (rs, cs), for every
+// batch; packed in parallel over (batch, panel). Returns elements per batch.
+int64_t prepare_panels(const at::Tensor& t, int64_t rs, int64_t cs, int64_t k, int64_t n,
+                       const KernelTable& kt, at::Tensor& holder) {
+  const DType dt = to_dtype(t, "input");
+  const int64_t width = kt.panel_width(dt);
+  const int64_t np = (n + width - 1) / width, per_batch = np * width * k, B = t.size(0);
+  holder = at::empty({B * per_batch}, t.options().dtype(compute_type(t.scalar_type())));
+  const void* src = t.data_ptr();
+  void* dst = holder.data_ptr();
+  const int64_t bs = t.stride(0);
+  at::parallel_for(0, B * np, 1, [&](int64_t i0, int64_t i1) {
+    kt.pack_panels(dt, src, bs, rs, cs, k, n, dst, per_batch, i0, i1);
+  });
+  return per_batch;
 }
 
 // phi or g as the kernels read it (rows x cols per batch, compute type). Read in place when it
@@ -123,16 +139,25 @@ MatView prepare_operand(const at::Tensor& t, bool use_blas, const KernelTable& k
   return MatView{dst, rows * cols, cols, 1};
 }
 
-// Query rows per tile and key rows per tile. Bigger tiles amortise the per-tile row work and
-// the re-reads of phi/g; the working set (BM x (dk + dv) + BN x (dk + dv) + BM x BN floats)
-// should stay near the L2 cache.
-void choose_tiles(int64_t N, int64_t M, int64_t dk, int64_t dv, int64_t& BM, int64_t& BN) {
-  (void)dk;
-  (void)dv;
-  BM = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
-  BN = env_int("NONLOCAL_KERNELS_CPU_BN", 128);
-  BM = std::min(BM, N);
-  BN = std::min(BN, M);
+// Tiles. Key tiles of BN rows (a multiple of the panel width, 16). Query tiles: about BM0 rows,
+// with their count per batch rounded up to a multiple of `multiple` so that the B * n_qtiles
+// forward tasks and the backward groups divide evenly among the threads.
+void choose_tiles(int64_t N, int64_t M, int64_t multiple, CpuPlan& plan) {
+  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
+  int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
+  bn = (bn + 15) / 16 * 16;
+  plan.BN = std::min(bn, (M + 15) / 16 * 16);
+  int64_t nq = (N + bm0 - 1) / bm0;
+  nq = std::min(N, (nq + multiple - 1) / multiple * multiple);
+  plan.BM = (N + nq - 1) / nq;
+  if (plan.BM > 6) plan.BM = (plan.BM + 5) / 6 * 6;  // whole micro-tiles (6 rows)
+  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+}
+
+// Threads per batch that the tasks of one batch should feed: T / gcd(B, T).
+int64_t split_per_batch(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return threads / std::gcd(B, threads);
 }
 
 void fill_common(NonlocalSoftmaxParams& p, const at::Tensor& theta, const at::Tensor& phi,
@@ -179,12 +204,21 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   const KernelTable& kt = kernels();
   CpuPlan plan{};
   plan.dtype = to_dtype(theta, "theta");
-  plan.use_blas = use_blas_for(theta.scalar_type());
-  choose_tiles(p.N, p.M, p.dk, p.dv, plan.BM, plan.BN);
-  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+  plan.scale = scale;
+  plan.packed = use_packed_path();
+  plan.use_blas = !plan.packed;
+  choose_tiles(p.N, p.M, split_per_batch(B), plan);
   at::Tensor k_hold, v_hold;
-  plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
-  plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  if (plan.packed) {
+    plan.kt_bs = prepare_panels(phi, phi.stride(2), phi.stride(1), p.dk, p.M, kt, k_hold);
+    plan.vp = nullptr;
+    plan.v_bs = prepare_panels(g, g.stride(1), g.stride(2), p.M, p.dv, kt, v_hold);
+    plan.kt = k_hold.data_ptr();
+    plan.vp = v_hold.data_ptr();
+  } else {
+    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  }
   at::parallel_for(0, B * plan.n_qtiles, 1,
                    [&](int64_t t0, int64_t t1) { kt.forward(p, plan, t0, t1); });
   return {y, lse};
@@ -238,25 +272,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   const KernelTable& kt = kernels();
   CpuPlan plan{};
   plan.dtype = to_dtype(theta, "theta");
-  plan.use_blas = use_blas_for(theta.scalar_type());
-  choose_tiles(N, M, dk, dv, plan.BM, plan.BN);
-  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+  plan.scale = scale;
+  plan.packed = use_packed_path();
+  plan.use_blas = !plan.packed;
 
   // Query-tile groups per batch: enough tasks (B * G) to share evenly among the threads, each
-  // group with its own partial dphi/dg (G * M * (dk + dv) per batch, capped at 512 MiB). The
-  // result depends on G, hence on the thread count, but is bit-identical run to run.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t G = threads / std::gcd(B, threads);
+  // group with its own partial dphi/dg (M * (dk + dv) per batch and group, all groups capped
+  // at 512 MiB). The result depends on G, hence on the thread count, but is bit-identical run
+  // to run.
+  int64_t G = split_per_batch(B);
   const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
   const int64_t per_group = B * M * (dk + dv) * esize;
   while (G > 1 && G * per_group > (int64_t(512) << 20)) --G;
+  choose_tiles(N, M, G, plan);
   G = std::max<int64_t>(1, std::min(G, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
 
-  at::Tensor k_hold, v_hold;
-  plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
-  plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  at::Tensor k_hold, v_hold, kt_hold, vt_hold;
+  if (plan.packed) {
+    plan.kt_bs = prepare_panels(phi, phi.stride(2), phi.stride(1), dk, M, kt, kt_hold);
+    plan.k_bs = prepare_panels(phi, phi.stride(1), phi.stride(2), M, dk, kt, k_hold);
+    plan.vt_bs = prepare_panels(g, g.stride(2), g.stride(1), dv, M, kt, vt_hold);
+    plan.kt = kt_hold.data_ptr();
+    plan.kp = k_hold.data_ptr();
+    plan.vtp = vt_hold.data_ptr();
+  } else {
+    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  }
   at::Tensor partial =
       at::empty({B, plan.groups, M, dk + dv}, theta.options().dtype(compute_type(theta.scalar_type())));
   plan.partial = partial.data_ptr();

@@ -29,24 +29,37 @@ struct MatView {
 
 struct CpuPlan {
   DType dtype;
-  int64_t BM, BN;       // query / key tile rows
+  double scale;         // the op's scale in full precision (NonlocalSoftmaxParams::scale is float)
+  int64_t BM, BN;       // query / key tile rows (BN a multiple of the panel width)
   int64_t n_qtiles;     // ceil(N / BM)
   int64_t groups;       // backward: query-tile groups per batch (partial dphi/dg sums)
   int64_t tiles_per_group;
-  bool use_blas;        // BLAS (sgemm_/dgemm_) on tiles, else the Vectorized GEMM below
-  // phi and g as the kernels read them: the inputs themselves (float32/float64 with a unit
-  // stride) or a packed contiguous copy in the compute type.
-  MatView k, v;
+  // true: the Vectorized panel GEMM on phi/g packed once per call into panels (kt, kp, vp,
+  // vtp below); false: BLAS sgemm_/dgemm_ on tiles of phi/g read through k and v.
+  bool packed;
+  bool use_blas;        // BLAS path only (false: its views go through the panel GEMM)
+  MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
+  // Packed path: B-panels per batch (compute type) of phi^T (dk x M; fwd+bwd), phi (M x dk;
+  // bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.
+  const void *kt, *kp, *vp, *vtp;
+  int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
 };
 
 struct KernelTable {
   const char* name;
-  // Copy rows x cols (per batch, B batches from b0 to b1) of a strided input of `dtype` into a
+  // Columns per B-panel for this dtype's compute type (BN must be a multiple of it).
+  int64_t (*panel_width)(DType dtype);
+  // Copy rows x cols (per batch, batches b0..b1) of a strided input of `dtype` into a
   // contiguous buffer of the compute type.
   void (*pack)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
                int64_t cols, void* dst, int64_t b0, int64_t b1);
+  // B-panels of the k x n matrices src[b](r, c) = src[b * bs + r * rs + c * cs] into dst
+  // (dst_bs elements per batch), items item0..item1 of (batch, panel) pairs.
+  void (*pack_panels)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
+                      int64_t k, int64_t n, void* dst, int64_t dst_bs, int64_t item0,
+                      int64_t item1);
   void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,
                   int64_t task_end);
   void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,

@@ -112,110 +112,214 @@ bool as_blas(const View<T>& v, int64_t rows, int64_t cols, int64_t& ld, bool& tr
   return ld <= INT_MAX;
 }
 
+// The panel GEMM (ATen Vectorized). Operands are packed into panels so that the micro-kernel
+// reads both contiguously: A (m x k) as row panels [ib][kk][kMR], B (k x n) as column panels
+// [jb][kk][kNR<T>], zero-padded past m and n. A panel set is addressed by its base, the full k it
+// was packed with (its "ld") and a starting kk, so a k-slice of a bigger packed matrix is free.
+constexpr int64_t kMR = 6;    // micro-tile rows: 12 accumulators + 2 B vectors + 1 broadcast
+constexpr int64_t kKC = 256;  // k block (the B panel, kKC x kNR, stays in L1)
+template <typename T>
+constexpr int64_t kNR = 2 * Vec<T>::size();  // micro-tile columns: two vectors
+
+template <typename T>
+inline int64_t panels(int64_t n, int64_t width) {
+  return (n + width - 1) / width;
+}
+
+// A-panels of the m x k matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs]. The loops
+// run along the unit stride of the source.
+template <typename A, typename S>
+void pack_a(const S* src, int64_t rs, int64_t cs, int64_t m, int64_t k, A alpha, A* dst) {
+  const int64_t mb = panels<A>(m, kMR);
+  if (rs == 1 && cs != 1) {
+    const int64_t full = m / kMR;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const S* s = src + kk * cs;
+      A* d = dst + kk * kMR;
+      for (int64_t ib = 0; ib < full; ++ib)
+        for (int64_t i = 0; i < kMR; ++i)
+          d[ib * k * kMR + i] = alpha * static_cast<A>(s[ib * kMR + i]);
+      for (int64_t r = full * kMR; r < m; ++r)
+        d[full * k * kMR + r - full * kMR] = alpha * static_cast<A>(s[r]);
+    }
+  } else {
+    for (int64_t ib = 0; ib < mb; ++ib) {
+      const int64_t r0 = ib * kMR, rn = std::min(kMR, m - r0);
+      A* d = dst + ib * k * kMR;
+      for (int64_t i = 0; i < rn; ++i) {
+        const S* s = src + (r0 + i) * rs;
+        for (int64_t kk = 0; kk < k; ++kk) d[kk * kMR + i] = alpha * static_cast<A>(s[kk * cs]);
+      }
+    }
+  }
+  if (m % kMR != 0) {  // zero rows of the last panel
+    A* d = dst + (mb - 1) * k * kMR;
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t i = m % kMR; i < kMR; ++i) d[kk * kMR + i] = A(0);
+  }
+}
+
+// B-panels jb0..jb1 of the k x n matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs].
+template <typename A, typename S>
+void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha, A* dst,
+            int64_t jb0, int64_t jb1) {
+  constexpr int64_t NR = kNR<A>;
+  for (int64_t jb = jb0; jb < jb1; ++jb) {
+    const int64_t c0 = jb * NR, cn = std::min(NR, n - c0);
+    A* d = dst + jb * k * NR;
+    if (rs == 1 && cs != 1) {
+      for (int64_t j = 0; j < cn; ++j) {
+        const S* s = src + (c0 + j) * cs;
+        for (int64_t kk = 0; kk < k; ++kk) d[kk * NR + j] = alpha * static_cast<A>(s[kk]);
+      }
+      for (int64_t j = cn; j < NR; ++j)
+        for (int64_t kk = 0; kk < k; ++kk) d[kk * NR + j] = A(0);
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const S* s = src + kk * rs + c0 * cs;
+        int64_t j = 0;
+        for (; j < cn; ++j) d[kk * NR + j] = alpha * static_cast<A>(s[j * cs]);
+        for (; j < NR; ++j) d[kk * NR + j] = A(0);
+      }
+    }
+  }
+}
+
+// out (kMR x kNR, row-major) = a-panel (kc x kMR) . b-panel (kc x kNR). The accumulators stay
+// in registers only when nothing else in the function takes their address: keep it this small.
+template <typename T>
+inline void micro(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict out) {
+  constexpr int64_t V = Vec<T>::size(), NR = kNR<T>;
+  Vec<T> c0[kMR], c1[kMR];
+  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + V);
+    for (int r = 0; r < kMR; ++r) {
+      const Vec<T> av(a[r]);
+      c0[r] = at::vec::fmadd(av, b0, c0[r]);
+      c1[r] = at::vec::fmadd(av, b1, c1[r]);
+    }
+    a += kMR;
+    b += NR;
+  }
+  for (int r = 0; r < kMR; ++r) {
+    c0[r].store(out + r * NR);
+    c1[r].store(out + r * NR + V);
+  }
+}
+
+// C (a full kMR x kNR tile, ldc) = (or +=) a-panel . b-panel. The product is summed in
+// registers from zero and added to C at the end (not continued from C): long k is then summed
+// in blocks of at most kKC, which keeps the rounding error close to a BLAS's.
+template <typename T, bool kAccumulate>
+inline void micro_full(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
+                       int64_t ldc) {
+  constexpr int64_t V = Vec<T>::size(), NR = kNR<T>;
+  Vec<T> c0[kMR], c1[kMR];
+  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + V);
+    for (int r = 0; r < kMR; ++r) {
+      const Vec<T> av(a[r]);
+      c0[r] = at::vec::fmadd(av, b0, c0[r]);
+      c1[r] = at::vec::fmadd(av, b1, c1[r]);
+    }
+    a += kMR;
+    b += NR;
+  }
+  for (int r = 0; r < kMR; ++r) {
+    if constexpr (kAccumulate) {
+      c0[r] = c0[r] + Vec<T>::loadu(c + r * ldc);
+      c1[r] = c1[r] + Vec<T>::loadu(c + r * ldc + V);
+    }
+    c0[r].store(c + r * ldc);
+    c1[r].store(c + r * ldc + V);
+  }
+}
+
+// C[0:rows, 0:cols] (ldc) = (or +=) out: the edge tiles.
+template <typename T>
+inline void update_c(const T* __restrict out, T* __restrict c, int64_t ldc, int64_t rows,
+                     int64_t cols, bool accumulate) {
+  constexpr int64_t NR = kNR<T>;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      c[r * ldc + j] = accumulate ? c[r * ldc + j] + out[r * NR + j] : out[r * NR + j];
+}
+
+// Packed operand: panels at p, packed with full depth ld, used from depth k0 on.
+template <typename T>
+struct Panels {
+  const T* p;
+  int64_t ld, k0;
+};
+
+// C (m x n, row-major, ldc) = (or +=) A (m x k) B (k x n) from packed panels.
+template <typename T>
+void gemm_panels(int64_t m, int64_t n, int64_t k, Panels<T> A, Panels<T> B, bool accumulate,
+                 T* C, int64_t ldc) {
+  constexpr int64_t NR = kNR<T>;
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, T(0));
+    return;
+  }
+  const int64_t mb = panels<T>(m, kMR), nb = panels<T>(n, NR);
+  alignas(64) T out[kMR * NR];
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      const T* bp = B.p + jb * B.ld * NR + (B.k0 + k0) * NR;
+      const int64_t cols = std::min(NR, n - jb * NR);
+      for (int64_t ib = 0; ib < mb; ++ib) {
+        const T* ap = A.p + ib * A.ld * kMR + (A.k0 + k0) * kMR;
+        T* c = C + ib * kMR * ldc + jb * NR;
+        const int64_t rows = std::min(kMR, m - ib * kMR);
+        if (rows == kMR && cols == NR) {
+          if (acc) {
+            micro_full<T, true>(kc, ap, bp, c, ldc);
+          } else {
+            micro_full<T, false>(kc, ap, bp, c, ldc);
+          }
+        } else {
+          micro(kc, ap, bp, out);
+          update_c(out, c, ldc, rows, cols, acc);
+        }
+      }
+    }
+  }
+}
+
+// GEMM on strided views, used by the BLAS kernels: a BLAS call when both views have a unit
+// stride (always, for the operands those kernels build), else both packed and gemm_panels.
 template <typename T>
 class Gemm {
  public:
   explicit Gemm(bool use_blas) : use_blas_(use_blas) {}
 
-  void operator()(int64_t m, int64_t n, int64_t k, T alpha, View<T> A, View<T> B, T beta, T* C,
+  // C (m x n, row-major, ldc) = A B (+ C when accumulate).
+  void operator()(int64_t m, int64_t n, int64_t k, View<T> A, View<T> B, bool accumulate, T* C,
                   int64_t ldc) {
     if (m == 0 || n == 0) return;
-    if (k == 0) {
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t c = 0; c < n; ++c) C[r * ldc + c] = beta == T(0) ? T(0) : beta * C[r * ldc + c];
-      return;
-    }
     int64_t lda, ldb;
     bool ta, tb;
-    if (use_blas_ && m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && ldc <= INT_MAX &&
+    if (use_blas_ && k > 0 && m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && ldc <= INT_MAX &&
         as_blas(A, m, k, lda, ta) && as_blas(B, k, n, ldb, tb)) {
       // Row-major C = A B is column-major C^T = B^T A^T.
-      blas_call(tb ? 'T' : 'N', ta ? 'T' : 'N', int(n), int(m), int(k), alpha, B.p, int(ldb),
-                A.p, int(lda), beta, C, int(ldc));
+      blas_call(tb ? 'T' : 'N', ta ? 'T' : 'N', int(n), int(m), int(k), T(1), B.p, int(ldb),
+                A.p, int(lda), accumulate ? T(1) : T(0), C, int(ldc));
       return;
     }
-    gemm_vec(m, n, k, alpha, A, B, beta, C, ldc);
+    T* ap = apack_.ensure(size_t(panels<T>(m, kMR) * kMR * std::max<int64_t>(k, 1)));
+    T* bp = bpack_.ensure(size_t(panels<T>(n, kNR<T>) * kNR<T> * std::max<int64_t>(k, 1)));
+    pack_a<T, T>(A.p, A.rs, A.cs, m, k, T(1), ap);
+    pack_b<T, T>(B.p, B.rs, B.cs, k, n, T(1), bp, 0, panels<T>(n, kNR<T>));
+    gemm_panels<T>(m, n, k, Panels<T>{ap, k, 0}, Panels<T>{bp, k, 0}, accumulate, C, ldc);
   }
 
  private:
-  static constexpr int64_t kV = Vec<T>::size();
-  static constexpr int64_t kNR = 2 * kV;  // micro-tile columns (two vectors)
-  static constexpr int64_t kMR = 6;       // micro-tile rows: 12 accumulators + 3 = 15 registers
-  static constexpr int64_t kKC = 256;     // k block
-
-  // out (kMR x kNR) = a-panel (kc x kMR) . b-panel (kc x kNR)
-  static inline void micro(int64_t kc, const T* __restrict a, const T* __restrict b,
-                           T* __restrict out) {
-    Vec<T> c0[kMR], c1[kMR];
-    for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + kV);
-      for (int r = 0; r < kMR; ++r) {
-        Vec<T> av(a[r]);
-        c0[r] = at::vec::fmadd(av, b0, c0[r]);
-        c1[r] = at::vec::fmadd(av, b1, c1[r]);
-      }
-      a += kMR;
-      b += kNR;
-    }
-    for (int r = 0; r < kMR; ++r) {
-      c0[r].store(out + r * kNR);
-      c1[r].store(out + r * kNR + kV);
-    }
-  }
-
-  void gemm_vec(int64_t m, int64_t n, int64_t k, T alpha, View<T> A, View<T> B, T beta, T* C,
-                int64_t ldc) {
-    const int64_t nb = (n + kNR - 1) / kNR, mb = (m + kMR - 1) / kMR;
-    T out[kMR * kNR];
-    for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-      const int64_t kc = std::min(kKC, k - k0);
-      T* bp = bpack_.ensure(size_t(nb * kc * kNR));
-      T* ap = apack_.ensure(size_t(mb * kc * kMR));
-      for (int64_t jb = 0; jb < nb; ++jb) {
-        const int64_t c0 = jb * kNR, cn = std::min(kNR, n - c0);
-        for (int64_t kk = 0; kk < kc; ++kk) {
-          const T* src = B.p + (k0 + kk) * B.rs + c0 * B.cs;
-          T* dst = bp + (jb * kc + kk) * kNR;
-          int64_t c = 0;
-          if (B.cs == 1) {
-            for (; c < cn; ++c) dst[c] = src[c];
-          } else {
-            for (; c < cn; ++c) dst[c] = src[c * B.cs];
-          }
-          for (; c < kNR; ++c) dst[c] = T(0);
-        }
-      }
-      for (int64_t ib = 0; ib < mb; ++ib) {
-        const int64_t r0 = ib * kMR, rn = std::min(kMR, m - r0);
-        for (int64_t kk = 0; kk < kc; ++kk) {
-          const T* src = A.p + r0 * A.rs + (k0 + kk) * A.cs;
-          T* dst = ap + (ib * kc + kk) * kMR;
-          int64_t r = 0;
-          for (; r < rn; ++r) dst[r] = src[r * A.rs];
-          for (; r < kMR; ++r) dst[r] = T(0);
-        }
-      }
-      const T b_eff = k0 == 0 ? beta : T(1);
-      for (int64_t ib = 0; ib < mb; ++ib) {
-        const int64_t r0 = ib * kMR, rn = std::min(kMR, m - r0);
-        for (int64_t jb = 0; jb < nb; ++jb) {
-          const int64_t c0 = jb * kNR, cn = std::min(kNR, n - c0);
-          micro(kc, ap + ib * kc * kMR, bp + jb * kc * kNR, out);
-          for (int64_t r = 0; r < rn; ++r) {
-            T* crow = C + (r0 + r) * ldc + c0;
-            const T* orow = out + r * kNR;
-            if (b_eff == T(0)) {
-              for (int64_t c = 0; c < cn; ++c) crow[c] = alpha * orow[c];
-            } else {
-              for (int64_t c = 0; c < cn; ++c) crow[c] = alpha * orow[c] + b_eff * crow[c];
-            }
-          }
-        }
-      }
-    }
-  }
-
   bool use_blas_;
   Buf<T> apack_, bpack_;
 };
@@ -223,13 +327,11 @@ class Gemm {
 // ---------------------------------------------------------------------------------------------
 // Row helpers (vectorised over a row of a tile).
 
+// Sleef's 1-ulp exp (exp_u20 is ~10% faster on this loop but its 2-ulp error shows up against
+// the tolerance rule when dv is in the thousands).
 template <typename T>
 inline Vec<T> vexp(const Vec<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
+  return x.exp();
 }
 
 template <typename T>
@@ -298,15 +400,18 @@ void softmax_grad_row(const T* p, T* dp, int64_t n, T d) {
 // ---------------------------------------------------------------------------------------------
 // Conversion between the input/output dtype S and the compute type A.
 
-// dst (rows x cols, row-major, ld) = alpha * src (strided). The loop runs along the unit stride
-// of the source when it has one (channels-first views have rs == 1).
+// dst (rows x cols, row-major, ld) = alpha * src (strided). A source with unit row stride
+// (channels-first) is read in column blocks of 16, so reads and writes both stream.
 template <typename S, typename A>
 void load_tile(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, A* dst,
                int64_t ld, A alpha) {
   if (rs == 1 && cs != 1) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const S* s = src + c * cs;
-      for (int64_t r = 0; r < rows; ++r) dst[r * ld + c] = alpha * static_cast<A>(s[r]);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t cn = std::min<int64_t>(16, cols - c0);
+      for (int64_t r = 0; r < rows; ++r) {
+        A* d = dst + r * ld + c0;
+        for (int64_t c = 0; c < cn; ++c) d[c] = alpha * static_cast<A>(src[(c0 + c) * cs + r]);
+      }
     }
   } else {
     for (int64_t r = 0; r < rows; ++r) {
@@ -317,14 +422,17 @@ void load_tile(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
   }
 }
 
-// dst (strided, dtype S) = alpha * src (rows x cols, row-major, ld).
+// dst (strided, dtype S) = alpha * src (rows x cols, row-major, ld); blocked like load_tile.
 template <typename S, typename A>
 void store_tile(const A* src, int64_t ld, int64_t rows, int64_t cols, S* dst, int64_t rs,
                 int64_t cs, A alpha) {
   if (rs == 1 && cs != 1) {
-    for (int64_t c = 0; c < cols; ++c) {
-      S* d = dst + c * cs;
-      for (int64_t r = 0; r < rows; ++r) d[r] = static_cast<S>(alpha * src[r * ld + c]);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t cn = std::min<int64_t>(16, cols - c0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const A* s = src + r * ld + c0;
+        for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * cs + r] = static_cast<S>(alpha * s[c]);
+      }
     }
   } else {
     for (int64_t r = 0; r < rows; ++r) {
@@ -345,7 +453,8 @@ struct Compute<double> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Kernels.
+// Kernels. kPacked selects the panel GEMM on phi/g panels packed once per call (plan.kt, ...);
+// otherwise tile products are BLAS calls on strided views (plan.k, plan.v).
 
 template <typename S>
 void pack_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
@@ -360,50 +469,86 @@ void pack_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int64_t ro
                       dst + (b * rows + r0) * cols, cols, A(1));
 }
 
+// B-panels of the k x n matrices src[b] (b * bs + r * rs + c * cs), items = (batch, panel).
 template <typename S>
+void pack_panels_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int64_t k,
+                      int64_t n, void* dst_v, int64_t dst_bs, int64_t item0, int64_t item1) {
+  using A = typename Compute<S>::type;
+  const S* src = static_cast<const S*>(src_v);
+  A* dst = static_cast<A*>(dst_v);
+  const int64_t np = panels<A>(n, kNR<A>);
+  for (int64_t item = item0; item < item1;) {
+    const int64_t b = item / np, jb0 = item % np, jb1 = std::min(np, jb0 + (item1 - item));
+    pack_b<A, S>(src + b * bs, rs, cs, k, n, A(1), dst + b * dst_bs, jb0, jb1);
+    item += jb1 - jb0;
+  }
+}
+
+// Online-softmax update of one row of S (in place to P = exp(S - m_new)); rescales acc.
+template <typename A>
+inline void online_softmax_row(A* srow, int64_t bn, A& m, A& l, A* acc_row, int64_t dv) {
+  const A m_new = std::max(m, row_max(srow, bn));
+  const A sum = exp_sub_sum(srow, bn, m_new);
+  if (m != -std::numeric_limits<A>::infinity() && m != m_new) {
+    const A alpha = std::exp(m - m_new);
+    l *= alpha;
+    scale_row(acc_row, dv, alpha);
+  }
+  l += sum;
+  m = m_new;
+}
+
+template <typename S, bool kPacked>
 void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0, int64_t t1) {
   using A = typename Compute<S>::type;
+  constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
-  const A scale = static_cast<A>(p.scale);
-  Buf<A> qb(BM * dk), sb(BM * BN), accb(BM * dv), mb(BM), lb(BM);
-  A *q = qb.get(), *s = sb.get(), *acc = accb.get(), *mrow = mb.get(), *lrow = lb.get();
+  const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
+  const int64_t qsize = kPacked ? panels<A>(BM, kMR) * kMR * dk : BM * dk;
+  Buf<A> qb(qsize), sb(BM * BN), pb(kPacked ? panels<A>(BM, kMR) * kMR * BN : 1),
+      accb(BM * dv + 1), mb(BM), lb(BM);
+  A *q = qb.get(), *s = sb.get(), *pp = pb.get(), *acc = accb.get();
+  A *mrow = mb.get(), *lrow = lb.get();
   Gemm<A> gemm(plan.use_blas);
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
-  const A* kbase = static_cast<const A*>(plan.k.ptr);
-  const A* vbase = static_cast<const A*>(plan.v.ptr);
 
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t b = task / plan.n_qtiles, i0 = (task % plan.n_qtiles) * BM;
     const int64_t bm = std::min(BM, N - i0);
-    load_tile<S, A>(theta + b * p.theta_stride[0] + i0 * p.theta_stride[1], p.theta_stride[1],
-                    p.theta_stride[2], bm, dk, q, dk, scale);
+    const S* tsrc = theta + b * p.theta_stride[0] + i0 * p.theta_stride[1];
+    if constexpr (kPacked) {
+      pack_a<A, S>(tsrc, p.theta_stride[1], p.theta_stride[2], bm, dk, scale, q);
+    } else {
+      load_tile<S, A>(tsrc, p.theta_stride[1], p.theta_stride[2], bm, dk, q, dk, scale);
+    }
     std::fill(acc, acc + bm * dv, A(0));
     std::fill(mrow, mrow + bm, -std::numeric_limits<A>::infinity());
     std::fill(lrow, lrow + bm, A(0));
-    const A* kb = kbase + b * plan.k.bs;
-    const A* vb = vbase + b * plan.v.bs;
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
       // S = (scale theta) phi_j^T
-      const View<A> kj{kb + j0 * plan.k.rs, plan.k.rs, plan.k.cs};
-      gemm(bm, bn, dk, A(1), View<A>{q, dk, 1}, kj.t(), A(0), s, BN);
-      for (int64_t r = 0; r < bm; ++r) {
-        A* srow = s + r * BN;
-        const A m_new = std::max(mrow[r], row_max(srow, bn));
-        const A sum = exp_sub_sum(srow, bn, m_new);
-        if (mrow[r] != -std::numeric_limits<A>::infinity() && mrow[r] != m_new) {
-          const A alpha = std::exp(mrow[r] - m_new);
-          lrow[r] *= alpha;
-          scale_row(acc + r * dv, dv, alpha);
-        }
-        lrow[r] += sum;
-        mrow[r] = m_new;
+      if constexpr (kPacked) {
+        const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
+        gemm_panels<A>(bm, bn, dk, Panels<A>{q, dk, 0}, Panels<A>{kt, dk, 0}, false, s, BN);
+      } else {
+        const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
+                         plan.k.rs, plan.k.cs};
+        gemm(bm, bn, dk, View<A>{q, dk, 1}, kj.t(), false, s, BN);
       }
+      for (int64_t r = 0; r < bm; ++r)
+        online_softmax_row(s + r * BN, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
-      const View<A> vj{vb + j0 * plan.v.rs, plan.v.rs, plan.v.cs};
-      gemm(bm, dv, bn, A(1), View<A>{s, BN, 1}, vj, A(1), acc, dv);
+      if constexpr (kPacked) {
+        pack_a<A, A>(s, BN, 1, bm, bn, A(1), pp);
+        const A* vp = static_cast<const A*>(plan.vp) + b * plan.v_bs;
+        gemm_panels<A>(bm, dv, bn, Panels<A>{pp, bn, 0}, Panels<A>{vp, M, j0}, true, acc, dv);
+      } else {
+        const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
+                         plan.v.rs, plan.v.cs};
+        gemm(bm, dv, bn, View<A>{s, BN, 1}, vj, true, acc, dv);
+      }
     }
     for (int64_t r = 0; r < bm; ++r) {
       const A inv = A(1) / lrow[r];
@@ -415,65 +560,111 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
   }
 }
 
-template <typename S>
+template <typename S, bool kPacked>
 void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0,
                    int64_t t1) {
   using A = typename Compute<S>::type;
+  constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
   const int64_t G = plan.groups;
-  const A scale = static_cast<A>(p.scale);
-  Buf<A> qb(BM * dk), dyb(BM * dv), sb(BM * BN), dpb(BM * BN), dqb(BM * dk), Db(BM), Lb(BM);
+  const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
+  const int64_t am = panels<A>(BM, kMR) * kMR, an = panels<A>(BN, kMR) * kMR;
+  // Packed: q/dyt are A-panels (BM x dk, BM x dv), qb_/dyb_ the same tiles as B-panels (k = BM),
+  // t1_/t2_ the A-panels of P^T, dS^T and dS. BLAS: q, dyt row-major tiles.
+  Buf<A> qb(kPacked ? am * dk : BM * dk), dyb(kPacked ? am * dv : BM * dv), sb(BM * BN),
+      dpb(BM * BN), dqb(BM * dk + 1), Db(BM), Lb(BM);
+  Buf<A> qbb(kPacked ? panels<A>(dk, NR) * NR * BM : 1),
+      dybb(kPacked ? panels<A>(dv, NR) * NR * BM : 1), tb1(kPacked ? an * BM : 1),
+      tb2(kPacked ? std::max(an * BM, am * BN) : 1);
   A *q = qb.get(), *dyt = dyb.get(), *s = sb.get(), *dp = dpb.get(), *dq = dqb.get();
-  A *D = Db.get(), *L = Lb.get();
+  A *D = Db.get(), *L = Lb.get(), *qbp = qbb.get(), *dybp = dybb.get(), *t1p = tb1.get(),
+    *t2p = tb2.get();
   Gemm<A> gemm(plan.use_blas);
   const S* theta = static_cast<const S*>(p.theta);
   const S* dy = static_cast<const S*>(p.dy);
   const S* y = static_cast<const S*>(p.y);
   const A* lse = static_cast<const A*>(p.lse);
   S* dtheta = static_cast<S*>(p.dtheta);
-  const A* kbase = static_cast<const A*>(plan.k.ptr);
-  const A* vbase = static_cast<const A*>(plan.v.ptr);
 
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t b = task / G, grp = task % G;
     A* dkp = static_cast<A*>(plan.partial) + (b * G + grp) * M * (dk + dv);  // (M, dk)
     A* dvp = dkp + M * dk;                                                    // (M, dv)
     std::fill(dkp, dkp + M * (dk + dv), A(0));
-    const A* kb = kbase + b * plan.k.bs;
-    const A* vb = vbase + b * plan.v.bs;
     const int64_t qt_end = std::min(plan.n_qtiles, (grp + 1) * plan.tiles_per_group);
     for (int64_t qt = grp * plan.tiles_per_group; qt < qt_end; ++qt) {
       const int64_t i0 = qt * BM, bm = std::min(BM, N - i0);
-      load_tile<S, A>(theta + b * p.theta_stride[0] + i0 * p.theta_stride[1],
-                      p.theta_stride[1], p.theta_stride[2], bm, dk, q, dk, scale);
-      load_tile<S, A>(dy + b * p.dy_stride[0] + i0 * p.dy_stride[1], p.dy_stride[1],
-                      p.dy_stride[2], bm, dv, dyt, dv, A(1));
+      const S* tsrc = theta + b * p.theta_stride[0] + i0 * p.theta_stride[1];
+      const S* dysrc = dy + b * p.dy_stride[0] + i0 * p.dy_stride[1];
+      const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
+      const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
+      if constexpr (kPacked) {
+        pack_a<A, S>(tsrc, ts1, ts2, bm, dk, scale, q);
+        pack_b<A, S>(tsrc, ts1, ts2, bm, dk, scale, qbp, 0, panels<A>(dk, NR));
+        pack_a<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dyt);
+        pack_b<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dybp, 0, panels<A>(dv, NR));
+      } else {
+        load_tile<S, A>(tsrc, ts1, ts2, bm, dk, q, dk, scale);
+        load_tile<S, A>(dysrc, ds1, ds2, bm, dv, dyt, dv, A(1));
+      }
       for (int64_t r = 0; r < bm; ++r) {
         // D_i = rowsum(dy_i * y_i), from y as the forward stored it.
         const S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
-        const A* drow = dyt + r * dv;
-        A d = 0;
-        for (int64_t c = 0; c < dv; ++c) d += drow[c] * static_cast<A>(yrow[c * p.y_stride[2]]);
-        D[r] = d;
+        const S* dyrow = dysrc + r * ds1;
+        // Summed in double: with a wide g (dv in the thousands) D nearly cancels against dP, and
+        // a float sum over dv terms would cost more accuracy than the reference loses.
+        double d = 0;
+        for (int64_t c = 0; c < dv; ++c)
+          d += static_cast<double>(dyrow[c * ds2]) * static_cast<double>(yrow[c * p.y_stride[2]]);
+        D[r] = static_cast<A>(d);
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
       }
       std::fill(dq, dq + bm * dk, A(0));
       for (int64_t j0 = 0; j0 < M; j0 += BN) {
         const int64_t bn = std::min(BN, M - j0);
-        const View<A> kj{kb + j0 * plan.k.rs, plan.k.rs, plan.k.cs};
-        const View<A> vj{vb + j0 * plan.v.rs, plan.v.rs, plan.v.cs};
-        // P = exp(S - lse)
-        gemm(bm, bn, dk, A(1), View<A>{q, dk, 1}, kj.t(), A(0), s, BN);
+        View<A> kj{nullptr, 0, 0}, vj{nullptr, 0, 0};
+        if constexpr (!kPacked) {
+          kj = {static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs, plan.k.rs,
+                plan.k.cs};
+          vj = {static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs, plan.v.rs,
+                plan.v.cs};
+        }
+        // P = exp(S - lse), S = (scale theta) phi_j^T
+        if constexpr (kPacked) {
+          const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
+          gemm_panels<A>(bm, bn, dk, Panels<A>{q, dk, 0}, Panels<A>{kt, dk, 0}, false, s, BN);
+        } else {
+          gemm(bm, bn, dk, View<A>{q, dk, 1}, kj.t(), false, s, BN);
+        }
         for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
         // dg_j += P^T dy
-        gemm(bn, dv, bm, A(1), View<A>{s, 1, BN}, View<A>{dyt, dv, 1}, A(1), dvp + j0 * dv, dv);
+        if constexpr (kPacked) {
+          pack_a<A, A>(s, 1, BN, bn, bm, A(1), t1p);
+          gemm_panels<A>(bn, dv, bm, Panels<A>{t1p, bm, 0}, Panels<A>{dybp, bm, 0}, true,
+                         dvp + j0 * dv, dv);
+        } else {
+          gemm(bn, dv, bm, View<A>{s, 1, BN}, View<A>{dyt, dv, 1}, true, dvp + j0 * dv, dv);
+        }
         // dP = dy g_j^T, then dS = P * (dP - D)
-        gemm(bm, bn, dv, A(1), View<A>{dyt, dv, 1}, vj.t(), A(0), dp, BN);
+        if constexpr (kPacked) {
+          const A* vt = static_cast<const A*>(plan.vtp) + b * plan.vt_bs + (j0 / NR) * dv * NR;
+          gemm_panels<A>(bm, bn, dv, Panels<A>{dyt, dv, 0}, Panels<A>{vt, dv, 0}, false, dp, BN);
+        } else {
+          gemm(bm, bn, dv, View<A>{dyt, dv, 1}, vj.t(), false, dp, BN);
+        }
         for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
-        // dphi_j += dS^T (scale theta)
-        gemm(bn, dk, bm, A(1), View<A>{dp, 1, BN}, View<A>{q, dk, 1}, A(1), dkp + j0 * dk, dk);
-        // dtheta += dS phi_j (times scale when written)
-        gemm(bm, dk, bn, A(1), View<A>{dp, BN, 1}, kj, A(1), dq, dk);
+        // dphi_j += dS^T (scale theta); dtheta += dS phi_j (times scale when written)
+        if constexpr (kPacked) {
+          pack_a<A, A>(dp, 1, BN, bn, bm, A(1), t2p);
+          gemm_panels<A>(bn, dk, bm, Panels<A>{t2p, bm, 0}, Panels<A>{qbp, bm, 0}, true,
+                         dkp + j0 * dk, dk);
+          pack_a<A, A>(dp, BN, 1, bm, bn, A(1), t2p);
+          const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
+          gemm_panels<A>(bm, dk, bn, Panels<A>{t2p, bn, 0}, Panels<A>{kp, M, j0}, true, dq, dk);
+        } else {
+          gemm(bn, dk, bm, View<A>{dp, 1, BN}, View<A>{q, dk, 1}, true, dkp + j0 * dk, dk);
+          gemm(bm, dk, bn, View<A>{dp, BN, 1}, kj, true, dq, dk);
+        }
       }
       store_tile<S, A>(dq, dk, bm, dk,
                        dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
@@ -490,7 +681,7 @@ void reduce_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t ro
   const A* part = static_cast<const A*>(plan.partial);
   S* dphi = static_cast<S*>(p.dphi);
   S* dg = static_cast<S*>(p.dg);
-  Buf<A> sumb(std::max<int64_t>(dk, dv));
+  Buf<A> sumb(std::max<int64_t>({dk, dv, 1}));
   A* sum = sumb.get();
   for (int64_t row = row0; row < row1; ++row) {
     const int64_t b = row / M, j = row % M;
@@ -503,38 +694,52 @@ void reduce_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t ro
         const A* sg = src + g * M * (dk + dv);
         for (int64_t c = 0; c < d; ++c) sum[c] += sg[c];
       }
-      if (pass == 0) {
-        S* out = dphi + b * p.dphi_stride[0] + j * p.dphi_stride[1];
-        for (int64_t c = 0; c < d; ++c) out[c * p.dphi_stride[2]] = static_cast<S>(sum[c]);
-      } else {
-        S* out = dg + b * p.dg_stride[0] + j * p.dg_stride[1];
-        for (int64_t c = 0; c < d; ++c) out[c * p.dg_stride[2]] = static_cast<S>(sum[c]);
-      }
+      S* out = pass == 0 ? dphi + b * p.dphi_stride[0] + j * p.dphi_stride[1]
+                         : dg + b * p.dg_stride[0] + j * p.dg_stride[1];
+      const int64_t cs = pass == 0 ? p.dphi_stride[2] : p.dg_stride[2];
+      for (int64_t c = 0; c < d; ++c) out[c * cs] = static_cast<S>(sum[c]);
     }
   }
 }
 
-#define NLK_DISPATCH(dtype, FN, ...)                                 \
-  switch (dtype) {                                                   \
-    case DType::kFloat64: return FN<double>(__VA_ARGS__);            \
-    case DType::kFloat32: return FN<float>(__VA_ARGS__);             \
-    case DType::kFloat16: return FN<c10::Half>(__VA_ARGS__);         \
-    case DType::kBFloat16: return FN<c10::BFloat16>(__VA_ARGS__);    \
+#define NLK_DISPATCH(dtype, ...)                                 \
+  switch (dtype) {                                               \
+    case DType::kFloat64: { using S = double; __VA_ARGS__; }     \
+    case DType::kFloat32: { using S = float; __VA_ARGS__; }      \
+    case DType::kFloat16: { using S = c10::Half; __VA_ARGS__; }  \
+    case DType::kBFloat16: { using S = c10::BFloat16; __VA_ARGS__; } \
   }
 
+int64_t panel_width_entry(DType dtype) {
+  return dtype == DType::kFloat64 ? kNR<double> : kNR<float>;
+}
 void pack_entry(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
                 int64_t cols, void* dst, int64_t b0, int64_t b1) {
-  NLK_DISPATCH(dtype, pack_impl, src, bs, rs, cs, rows, cols, dst, b0, b1);
+  NLK_DISPATCH(dtype, return pack_impl<S>(src, bs, rs, cs, rows, cols, dst, b0, b1));
+}
+void pack_panels_entry(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
+                       int64_t k, int64_t n, void* dst, int64_t dst_bs, int64_t item0,
+                       int64_t item1) {
+  NLK_DISPATCH(dtype,
+               return pack_panels_impl<S>(src, bs, rs, cs, k, n, dst, dst_bs, item0, item1));
 }
 void forward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0, int64_t t1) {
-  NLK_DISPATCH(plan.dtype, forward_impl, p, plan, t0, t1);
+  if (plan.packed) {
+    NLK_DISPATCH(plan.dtype, return forward_impl<S, true>(p, plan, t0, t1));
+  } else {
+    NLK_DISPATCH(plan.dtype, return forward_impl<S, false>(p, plan, t0, t1));
+  }
 }
 void backward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0,
                     int64_t t1) {
-  NLK_DISPATCH(plan.dtype, backward_impl, p, plan, t0, t1);
+  if (plan.packed) {
+    NLK_DISPATCH(plan.dtype, return backward_impl<S, true>(p, plan, t0, t1));
+  } else {
+    NLK_DISPATCH(plan.dtype, return backward_impl<S, false>(p, plan, t0, t1));
+  }
 }
 void reduce_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t r0, int64_t r1) {
-  NLK_DISPATCH(plan.dtype, reduce_impl, p, plan, r0, r1);
+  NLK_DISPATCH(plan.dtype, return reduce_impl<S>(p, plan, r0, r1));
 }
 #undef NLK_DISPATCH
 
@@ -542,6 +747,11 @@ void reduce_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t r
 }  // namespace nonlocal_kernels::cpu::NLK_CAPNS
 
 namespace nonlocal_kernels::cpu {
-const KernelTable NLK_TABLE = {NLK_TABLE_LABEL, NLK_CAPNS::pack_entry, NLK_CAPNS::forward_entry,
-                               NLK_CAPNS::backward_entry, NLK_CAPNS::reduce_entry};
+const KernelTable NLK_TABLE = {NLK_TABLE_LABEL,
+                               NLK_CAPNS::panel_width_entry,
+                               NLK_CAPNS::pack_entry,
+                               NLK_CAPNS::pack_panels_entry,
+                               NLK_CAPNS::forward_entry,
+                               NLK_CAPNS::backward_entry,
+                               NLK_CAPNS::reduce_entry};
 }  // namespace nonlocal_kernels::cpu

@@ -12,25 +12,17 @@ import torch
 from .. import ops
 from .registry import SOFTMAX_MODES, Backend, register
 
-_Function = None
-
-
-def _function():
-    global _Function
-    if _Function is None:
-        _Function = ops.make_softmax_function(torch.ops.nonlocal_kernels.softmax_fwd,
-                                              torch.ops.nonlocal_kernels.softmax_bwd,
-                                              "NonlocalSoftmaxCPU")
-    return _Function
+# Decided once, at import (the extension registers its kernels when it loads): torch.compile
+# traces backend selection, and the dispatcher queries behind the reason are not traceable.
+_UNAVAILABLE = ops.extension_unavailable_reason() or ops.kernel_unavailable_reason("CPU")
+_Function = None if _UNAVAILABLE else ops.make_softmax_function(
+    torch.ops.nonlocal_kernels.softmax_fwd, torch.ops.nonlocal_kernels.softmax_bwd,
+    "NonlocalSoftmaxCPU")
 
 
 def _run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-    y, lse = _function().apply(theta, phi, g, float(scale))
+    y, lse = _Function.apply(theta, phi, g, float(scale))
     return (y, lse) if return_lse else y
-
-
-def _unavailable_reason():
-    return ops.extension_unavailable_reason() or ops.kernel_unavailable_reason("CPU")
 
 
 BACKEND = register(Backend(
@@ -42,6 +34,6 @@ BACKEND = register(Backend(
     devices=("cpu",),
     run=_run,
     priority=50,
-    unavailable_reason=_unavailable_reason,
+    unavailable_reason=lambda: _UNAVAILABLE,
     how_to_enable=ops.BUILD_HINT,
 ))
