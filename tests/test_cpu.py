@@ -57,11 +57,19 @@ def test_matches_oracle_every_dtype_and_layout(variant, dtype, layout, monkeypat
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48),
-                                   (2, 1, 2, 3, 2), (1, 3, 700, 1, 1)])
+                                   (1, 64, 700, 2, 3)])
 def test_default_tiles_ragged_sizes(dtype, shape):
     """Default tile sizes: several key tiles of 256 rows with a ragged last one."""
     theta, phi, g = make_inputs(*shape, dtype=dtype, layout="channels_first")
     assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2, 3, 2), (1, 1, 3, 1, 1), (3, 2, 5, 1, 4)])
+def test_tiny_shapes_float64(shape):
+    """A handful of output elements: float64 only, where the rule's reference error is not a
+    lottery over a few low-precision roundings."""
+    theta, phi, g = make_inputs(*shape, dtype=torch.float64)
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.8, return_lse=True))
 
 
 def test_single_key_position():

@@ -484,17 +484,19 @@ void pack_panels_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int
   }
 }
 
-// Online-softmax update of one row of S (in place to P = exp(S - m_new)); rescales acc.
+// Online-softmax update of one row of S (in place to P = exp(S - m_new)); rescales acc. The row
+// sum l is kept in double (scaled by the same alpha as acc), so y = acc / l and lse = m + log l
+// lose nothing to the running sum over many key tiles.
 template <typename A>
-inline void online_softmax_row(A* srow, int64_t bn, A& m, A& l, A* acc_row, int64_t dv) {
+inline void online_softmax_row(A* srow, int64_t bn, A& m, double& l, A* acc_row, int64_t dv) {
   const A m_new = std::max(m, row_max(srow, bn));
   const A sum = exp_sub_sum(srow, bn, m_new);
   if (m != -std::numeric_limits<A>::infinity() && m != m_new) {
     const A alpha = std::exp(m - m_new);
-    l *= alpha;
+    l *= static_cast<double>(alpha);
     scale_row(acc_row, dv, alpha);
   }
-  l += sum;
+  l += static_cast<double>(sum);
   m = m_new;
 }
 
@@ -506,9 +508,11 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
   const int64_t qsize = kPacked ? panels<A>(BM, kMR) * kMR * dk : BM * dk;
   Buf<A> qb(qsize), sb(BM * BN), pb(kPacked ? panels<A>(BM, kMR) * kMR * BN : 1),
-      accb(BM * dv + 1), mb(BM), lb(BM);
+      accb(BM * dv + 1), mb(BM);
+  Buf<double> lb(BM);
   A *q = qb.get(), *s = sb.get(), *pp = pb.get(), *acc = accb.get();
-  A *mrow = mb.get(), *lrow = lb.get();
+  A* mrow = mb.get();
+  double* lrow = lb.get();
   Gemm<A> gemm(plan.use_blas);
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
@@ -525,7 +529,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
     }
     std::fill(acc, acc + bm * dv, A(0));
     std::fill(mrow, mrow + bm, -std::numeric_limits<A>::infinity());
-    std::fill(lrow, lrow + bm, A(0));
+    std::fill(lrow, lrow + bm, 0.0);
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
       // S = (scale theta) phi_j^T
@@ -551,11 +555,12 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
       }
     }
     for (int64_t r = 0; r < bm; ++r) {
-      const A inv = A(1) / lrow[r];
+      const A inv = static_cast<A>(1.0 / lrow[r]);
       S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
       const A* arow = acc + r * dv;
       for (int64_t c = 0; c < dv; ++c) yrow[c * p.y_stride[2]] = static_cast<S>(arow[c] * inv);
-      lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]] = mrow[r] + std::log(lrow[r]);
+      lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]] =
+          static_cast<A>(static_cast<double>(mrow[r]) + std::log(lrow[r]));
     }
   }
 }
