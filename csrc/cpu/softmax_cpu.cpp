@@ -154,6 +154,14 @@ void choose_tiles(int64_t N, int64_t M, int64_t multiple, CpuPlan& plan) {
   plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
 }
 
+// Runs `ntasks` tasks on the intra-op threads, handed out dynamically (TaskQueue).
+template <typename F>
+void run_tasks(int64_t ntasks, const F& worker) {
+  TaskQueue queue(ntasks);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(ntasks, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+}
+
 // Threads per batch that the tasks of one batch should feed: T / gcd(B, T).
 int64_t split_per_batch(int64_t B) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -219,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
     plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
     plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
   }
-  at::parallel_for(0, B * plan.n_qtiles, 1,
-                   [&](int64_t t0, int64_t t1) { kt.forward(p, plan, t0, t1); });
+  run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
   return {y, lse};
 }
 
@@ -276,14 +283,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   plan.packed = use_packed_path();
   plan.use_blas = !plan.packed;
 
-  // Query-tile groups per batch: enough tasks (B * G) to share evenly among the threads, each
-  // group with its own partial dphi/dg (M * (dk + dv) per batch and group, all groups capped
-  // at 512 MiB). The result depends on G, hence on the thread count, but is bit-identical run
-  // to run.
-  int64_t G = split_per_batch(B);
+  // Query-tile groups per batch, each with its own partial dphi/dg (M x (dk + dv)): about two
+  // tasks (B * G) per thread, so that the dynamic scheduling can even out a slow thread, while
+  // all partial sums together stay under 256 MiB. The result depends on G, hence on the thread
+  // count, but is bit-identical run to run.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t G = std::max<int64_t>(1, (2 * threads + B - 1) / B);
+  if (G > 1) G = (G + 1) / 2 * 2;
   const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
   const int64_t per_group = B * M * (dk + dv) * esize;
-  while (G > 1 && G * per_group > (int64_t(512) << 20)) --G;
+  while (G > 1 && G * per_group > (int64_t(256) << 20)) --G;
   choose_tiles(N, M, G, plan);
   G = std::max<int64_t>(1, std::min(G, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
@@ -306,8 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   plan.partial = partial.data_ptr();
   p.workspace = plan.partial;
 
-  at::parallel_for(0, B * plan.groups, 1,
-                   [&](int64_t t0, int64_t t1) { kt.backward(p, plan, t0, t1); });
+  run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
   at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
   return {dtheta, dphi, dg};
 }

@@ -14,6 +14,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 #include "params.h"
 
 namespace nonlocal_kernels::cpu {
@@ -47,6 +49,19 @@ struct CpuPlan {
   void* partial;
 };
 
+// Tasks handed out one at a time to the workers of a parallel region (dynamic scheduling: a
+// thread slowed down by another process does not hold the others up). Which thread runs a task
+// never changes its result: tasks own their outputs and every sum has a fixed order.
+struct TaskQueue {
+  explicit TaskQueue(int64_t n) : total(n) {}
+  bool next(int64_t& task) {
+    task = counter.fetch_add(1, std::memory_order_relaxed);
+    return task < total;
+  }
+  std::atomic<int64_t> counter{0};
+  const int64_t total;
+};
+
 struct KernelTable {
   const char* name;
   // Columns per B-panel for this dtype's compute type (BN must be a multiple of it).
@@ -60,10 +75,9 @@ struct KernelTable {
   void (*pack_panels)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
                       int64_t k, int64_t n, void* dst, int64_t dst_bs, int64_t item0,
                       int64_t item1);
-  void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,
-                  int64_t task_end);
-  void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t task_begin,
-                   int64_t task_end);
+  // Run tasks from the queue until it is empty (one call per worker thread).
+  void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);
+  void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);
   // dphi/dg rows [row_begin, row_end) of the flattened (B * M) rows from the partial sums.
   void (*reduce)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t row_begin,
                  int64_t row_end);

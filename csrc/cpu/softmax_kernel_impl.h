@@ -501,7 +501,7 @@ inline void online_softmax_row(A* srow, int64_t bn, A& m, double& l, A* acc_row,
 }
 
 template <typename S, bool kPacked>
-void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0, int64_t t1) {
+void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
@@ -518,7 +518,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
 
-  for (int64_t task = t0; task < t1; ++task) {
+  for (int64_t task; tasks.next(task);) {
     const int64_t b = task / plan.n_qtiles, i0 = (task % plan.n_qtiles) * BM;
     const int64_t bm = std::min(BM, N - i0);
     const S* tsrc = theta + b * p.theta_stride[0] + i0 * p.theta_stride[1];
@@ -566,8 +566,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t
 }
 
 template <typename S, bool kPacked>
-void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0,
-                   int64_t t1) {
+void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
@@ -591,7 +590,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t 
   const A* lse = static_cast<const A*>(p.lse);
   S* dtheta = static_cast<S*>(p.dtheta);
 
-  for (int64_t task = t0; task < t1; ++task) {
+  for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
     A* dkp = static_cast<A*>(plan.partial) + (b * G + grp) * M * (dk + dv);  // (M, dk)
     A* dvp = dkp + M * dk;                                                    // (M, dv)
@@ -728,19 +727,18 @@ void pack_panels_entry(DType dtype, const void* src, int64_t bs, int64_t rs, int
   NLK_DISPATCH(dtype,
                return pack_panels_impl<S>(src, bs, rs, cs, k, n, dst, dst_bs, item0, item1));
 }
-void forward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0, int64_t t1) {
+void forward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   if (plan.packed) {
-    NLK_DISPATCH(plan.dtype, return forward_impl<S, true>(p, plan, t0, t1));
+    NLK_DISPATCH(plan.dtype, return forward_impl<S, true>(p, plan, tasks));
   } else {
-    NLK_DISPATCH(plan.dtype, return forward_impl<S, false>(p, plan, t0, t1));
+    NLK_DISPATCH(plan.dtype, return forward_impl<S, false>(p, plan, tasks));
   }
 }
-void backward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t t0,
-                    int64_t t1) {
+void backward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   if (plan.packed) {
-    NLK_DISPATCH(plan.dtype, return backward_impl<S, true>(p, plan, t0, t1));
+    NLK_DISPATCH(plan.dtype, return backward_impl<S, true>(p, plan, tasks));
   } else {
-    NLK_DISPATCH(plan.dtype, return backward_impl<S, false>(p, plan, t0, t1));
+    NLK_DISPATCH(plan.dtype, return backward_impl<S, false>(p, plan, tasks));
   }
 }
 void reduce_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t r0, int64_t r1) {
