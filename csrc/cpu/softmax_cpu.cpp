@@ -99,21 +99,44 @@ bool use_packed_path() {
   return mode != "blas";
 }
 
-// B-panels (kernel layout) of the k x n matrices t[b](r, c) with strides (rs, cs), for every
-// batch; packed in parallel over (batch, panel). Returns elements per batch.
-int64_t prepare_panels(const at::Tensor& t, int64_t rs, int64_t cs, int64_t k, int64_t n,
-                       const KernelTable& kt, at::Tensor& holder) {
+// The calling thread's workspace for the B-panels of phi/g and the backward's partial sums,
+// kept between calls up to 64 MiB (see Arena).
+thread_local Arena call_arena;
+constexpr size_t kCallArenaKeepBytes = size_t(64) << 20;
+
+// B-panels (kernel layout) of the k x n matrices t[b](r, c) with strides (rs, cs).
+struct PanelSpec {
+  const at::Tensor* t;
+  int64_t rs, cs, k, n;
+  double alpha;
+  int64_t per_batch(const KernelTable& kt) const {
+    const int64_t width = kt.panel_width(to_dtype(*t, "input"));
+    return (n + width - 1) / width * width * k;
+  }
+  size_t bytes(const KernelTable& kt) const {
+    const int64_t B = t->size(0), per = per_batch(kt);
+    return t->scalar_type() == at::kDouble ? Arena::bytes_for<double>(B * per)
+                                           : Arena::bytes_for<float>(B * per);
+  }
+};
+
+// Packs every batch of `spec` in parallel over (batch, panel) into arena memory; returns the
+// panels and sets `per_batch`.
+const void* prepare_panels(const PanelSpec& spec, const KernelTable& kt, int64_t& per_batch) {
+  const at::Tensor& t = *spec.t;
   const DType dt = to_dtype(t, "input");
   const int64_t width = kt.panel_width(dt);
-  const int64_t np = (n + width - 1) / width, per_batch = np * width * k, B = t.size(0);
-  holder = at::empty({B * per_batch}, t.options().dtype(compute_type(t.scalar_type())));
+  const int64_t np = (spec.n + width - 1) / width, B = t.size(0);
+  per_batch = spec.per_batch(kt);
+  void* dst = t.scalar_type() == at::kDouble
+                  ? static_cast<void*>(call_arena.take<double>(B * per_batch))
+                  : static_cast<void*>(call_arena.take<float>(B * per_batch));
   const void* src = t.data_ptr();
-  void* dst = holder.data_ptr();
-  const int64_t bs = t.stride(0);
+  const int64_t bs = t.stride(0), pb = per_batch;
   at::parallel_for(0, B * np, 1, [&](int64_t i0, int64_t i1) {
-    kt.pack_panels(dt, src, bs, rs, cs, k, n, dst, per_batch, i0, i1);
+    kt.pack_panels(dt, src, bs, spec.rs, spec.cs, spec.k, spec.n, spec.alpha, dst, pb, i0, i1);
   });
-  return per_batch;
+  return dst;
 }
 
 // phi or g as the kernels read it (rows x cols per batch, compute type). Read in place when it
@@ -218,16 +241,17 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   choose_tiles(p.N, p.M, split_per_batch(B), plan);
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
-    plan.kt_bs = prepare_panels(phi, phi.stride(2), phi.stride(1), p.dk, p.M, kt, k_hold);
-    plan.vp = nullptr;
-    plan.v_bs = prepare_panels(g, g.stride(1), g.stride(2), p.M, p.dv, kt, v_hold);
-    plan.kt = k_hold.data_ptr();
-    plan.vp = v_hold.data_ptr();
+    const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
+    const PanelSpec v_spec{&g, g.stride(1), g.stride(2), p.M, p.dv, 1.0};
+    call_arena.reserve(kt_spec.bytes(kt) + v_spec.bytes(kt));
+    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    plan.vp = prepare_panels(v_spec, kt, plan.v_bs);
   } else {
     plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
     plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
   }
   run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
+  call_arena.trim(kCallArenaKeepBytes);
   return {y, lse};
 }
 
@@ -298,25 +322,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
 
-  at::Tensor k_hold, v_hold, kt_hold, vt_hold;
+  at::Tensor k_hold, v_hold;
+  const int64_t partial_n = B * plan.groups * M * (dk + dv);
+  const size_t partial_bytes = theta.scalar_type() == at::kDouble
+                                   ? Arena::bytes_for<double>(partial_n)
+                                   : Arena::bytes_for<float>(partial_n);
   if (plan.packed) {
-    plan.kt_bs = prepare_panels(phi, phi.stride(2), phi.stride(1), dk, M, kt, kt_hold);
-    plan.k_bs = prepare_panels(phi, phi.stride(1), phi.stride(2), M, dk, kt, k_hold);
-    plan.vt_bs = prepare_panels(g, g.stride(2), g.stride(1), dv, M, kt, vt_hold);
-    plan.kt = kt_hold.data_ptr();
-    plan.kp = k_hold.data_ptr();
-    plan.vtp = vt_hold.data_ptr();
+    const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
+    const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
+    const PanelSpec vt_spec{&g, g.stride(2), g.stride(1), dv, M, 1.0};
+    call_arena.reserve(kt_spec.bytes(kt) + k_spec.bytes(kt) + vt_spec.bytes(kt) + partial_bytes);
+    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    plan.kp = prepare_panels(k_spec, kt, plan.k_bs);
+    plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
   } else {
+    call_arena.reserve(partial_bytes);
     plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
     plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
   }
-  at::Tensor partial =
-      at::empty({B, plan.groups, M, dk + dv}, theta.options().dtype(compute_type(theta.scalar_type())));
-  plan.partial = partial.data_ptr();
+  plan.partial = theta.scalar_type() == at::kDouble
+                     ? static_cast<void*>(call_arena.take<double>(partial_n))
+                     : static_cast<void*>(call_arena.take<float>(partial_n));
   p.workspace = plan.partial;
 
   run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
   at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
+  call_arena.trim(kCallArenaKeepBytes);
   return {dtheta, dphi, dg};
 }
 

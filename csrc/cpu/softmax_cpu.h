@@ -15,6 +15,8 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <new>
 
 #include "params.h"
 
@@ -41,12 +43,59 @@ struct CpuPlan {
   bool packed;
   bool use_blas;        // BLAS path only (false: its views go through the panel GEMM)
   MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
-  // Packed path: B-panels per batch (compute type) of phi^T (dk x M; fwd+bwd), phi (M x dk;
-  // bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.
+  // Packed path: B-panels per batch (compute type) of scale * phi^T (dk x M; fwd+bwd), phi
+  // (M x dk; bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.
   const void *kt, *kp, *vp, *vtp;
   int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
+};
+
+// Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):
+// buffers that came fresh from the OS at every call would cost a page fault and a page clear per
+// 4 KiB, several percent of a call at the benchmark shapes. Slices are 64-byte aligned.
+class Arena {
+ public:
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() { std::free(base_); }
+
+  template <typename T>
+  static size_t bytes_for(int64_t count) {
+    return (static_cast<size_t>(count < 1 ? 1 : count) * sizeof(T) + 63) / 64 * 64;
+  }
+  // Room for `bytes` (the sum of bytes_for of every slice); carving restarts at the beginning.
+  void reserve(size_t bytes) {
+    if (bytes > cap_) {
+      std::free(base_);
+      base_ = static_cast<char*>(std::aligned_alloc(64, bytes));
+      if (base_ == nullptr) {
+        cap_ = 0;
+        throw std::bad_alloc();
+      }
+      cap_ = bytes;
+    }
+    used_ = 0;
+  }
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += bytes_for<T>(count);
+    return p;
+  }
+  // Frees the memory when more than `keep` bytes are held.
+  void trim(size_t keep) {
+    if (cap_ > keep) {
+      std::free(base_);
+      base_ = nullptr;
+      cap_ = 0;
+    }
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t cap_ = 0, used_ = 0;
 };
 
 // Tasks handed out one at a time to the workers of a parallel region (dynamic scheduling: a
@@ -70,11 +119,11 @@ struct KernelTable {
   // contiguous buffer of the compute type.
   void (*pack)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
                int64_t cols, void* dst, int64_t b0, int64_t b1);
-  // B-panels of the k x n matrices src[b](r, c) = src[b * bs + r * rs + c * cs] into dst
-  // (dst_bs elements per batch), items item0..item1 of (batch, panel) pairs.
+  // B-panels of the k x n matrices alpha * src[b](r, c), src[b](r, c) = src[b * bs + r * rs +
+  // c * cs], into dst (dst_bs elements per batch), items item0..item1 of (batch, panel) pairs.
   void (*pack_panels)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
-                      int64_t k, int64_t n, void* dst, int64_t dst_bs, int64_t item0,
-                      int64_t item1);
+                      int64_t k, int64_t n, double alpha, void* dst, int64_t dst_bs,
+                      int64_t item0, int64_t item1);
   // Run tasks from the queue until it is empty (one call per worker thread).
   void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);
   void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);

@@ -74,6 +74,10 @@ class Buf {
   size_t n_ = 0;
 };
 
+// Each worker thread's scratch tiles, kept between calls up to kArenaKeepBytes.
+thread_local Arena worker_arena;
+constexpr size_t kArenaKeepBytes = size_t(16) << 20;
+
 // A matrix read through strides: element (r, c) at p[r * rs + c * cs].
 template <typename T>
 struct View {
@@ -112,10 +116,13 @@ bool as_blas(const View<T>& v, int64_t rows, int64_t cols, int64_t& ld, bool& tr
   return ld <= INT_MAX;
 }
 
-// The panel GEMM (ATen Vectorized). Operands are packed into panels so that the micro-kernel
-// reads both contiguously: A (m x k) as row panels [ib][kk][kMR], B (k x n) as column panels
-// [jb][kk][kNR<T>], zero-padded past m and n. A panel set is addressed by its base, the full k it
-// was packed with (its "ld") and a starting kk, so a k-slice of a bigger packed matrix is free.
+// The panel GEMM (ATen Vectorized). B (k x n) is packed into column panels [jb][kk][kNR<T>],
+// zero-padded past n, so the micro-kernel reads it contiguously; a panel set is addressed by its
+// base, the full k it was packed with (its "ld") and a starting kk, so a k-slice of a bigger
+// packed matrix (phi, g packed once per call) is free. A (m x k) is read in place through its
+// strides, one of which must be 1: row-major tiles (P, dS, a row-major theta) and transposed ones
+// (P^T, dS^T, a channels-first theta) both stream well; only the last partial strip of fewer
+// than kMR rows is copied (zero-padded).
 constexpr int64_t kMR = 6;    // micro-tile rows: 12 accumulators + 2 B vectors + 1 broadcast
 constexpr int64_t kKC = 256;  // k block (the B panel, kKC x kNR, stays in L1)
 template <typename T>
@@ -124,39 +131,6 @@ constexpr int64_t kNR = 2 * Vec<T>::size();  // micro-tile columns: two vectors
 template <typename T>
 inline int64_t panels(int64_t n, int64_t width) {
   return (n + width - 1) / width;
-}
-
-// A-panels of the m x k matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs]. The loops
-// run along the unit stride of the source.
-template <typename A, typename S>
-void pack_a(const S* src, int64_t rs, int64_t cs, int64_t m, int64_t k, A alpha, A* dst) {
-  const int64_t mb = panels<A>(m, kMR);
-  if (rs == 1 && cs != 1) {
-    const int64_t full = m / kMR;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const S* s = src + kk * cs;
-      A* d = dst + kk * kMR;
-      for (int64_t ib = 0; ib < full; ++ib)
-        for (int64_t i = 0; i < kMR; ++i)
-          d[ib * k * kMR + i] = alpha * static_cast<A>(s[ib * kMR + i]);
-      for (int64_t r = full * kMR; r < m; ++r)
-        d[full * k * kMR + r - full * kMR] = alpha * static_cast<A>(s[r]);
-    }
-  } else {
-    for (int64_t ib = 0; ib < mb; ++ib) {
-      const int64_t r0 = ib * kMR, rn = std::min(kMR, m - r0);
-      A* d = dst + ib * k * kMR;
-      for (int64_t i = 0; i < rn; ++i) {
-        const S* s = src + (r0 + i) * rs;
-        for (int64_t kk = 0; kk < k; ++kk) d[kk * kMR + i] = alpha * static_cast<A>(s[kk * cs]);
-      }
-    }
-  }
-  if (m % kMR != 0) {  // zero rows of the last panel
-    A* d = dst + (mb - 1) * k * kMR;
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t i = m % kMR; i < kMR; ++i) d[kk * kMR + i] = A(0);
-  }
 }
 
 // B-panels jb0..jb1 of the k x n matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs].
@@ -185,48 +159,43 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
   }
 }
 
-// out (kMR x kNR, row-major) = a-panel (kc x kMR) . b-panel (kc x kNR). The accumulators stay
-// in registers only when nothing else in the function takes their address: keep it this small.
-template <typename T>
-inline void micro(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict out) {
-  constexpr int64_t V = Vec<T>::size(), NR = kNR<T>;
-  Vec<T> c0[kMR], c1[kMR];
-  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    const Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + V);
-    for (int r = 0; r < kMR; ++r) {
-      const Vec<T> av(a[r]);
-      c0[r] = at::vec::fmadd(av, b0, c0[r]);
-      c1[r] = at::vec::fmadd(av, b1, c1[r]);
-    }
-    a += kMR;
-    b += NR;
+// acc (kMR x kNR) = A (kMR rows x kc, element (r, kk) at a[r * ars + kk * acs], with ars == 1
+// when kColA, else acs == 1) . b-panel (kc x kNR). Written for the registers: nothing takes the
+// accumulators' address, so they never touch the stack.
+#define NLK_MICRO_LOOP(kColA)                                    \
+  Vec<T> c0[kMR], c1[kMR];                                       \
+  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));    \
+  for (int64_t kk = 0; kk < kc; ++kk) {                          \
+    const Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + V); \
+    for (int r = 0; r < kMR; ++r) {                              \
+      const Vec<T> av(kColA ? a[r] : a[r * lda]);                \
+      c0[r] = at::vec::fmadd(av, b0, c0[r]);                     \
+      c1[r] = at::vec::fmadd(av, b1, c1[r]);                     \
+    }                                                            \
+    a += kColA ? lda : 1;                                        \
+    b += NR;                                                     \
   }
+
+// out (kMR x kNR, row-major) = A . B: the edge tiles.
+template <typename T, bool kColA>
+inline void micro(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                  T* __restrict out) {
+  constexpr int64_t V = Vec<T>::size(), NR = kNR<T>;
+  NLK_MICRO_LOOP(kColA)
   for (int r = 0; r < kMR; ++r) {
     c0[r].store(out + r * NR);
     c1[r].store(out + r * NR + V);
   }
 }
 
-// C (a full kMR x kNR tile, ldc) = (or +=) a-panel . b-panel. The product is summed in
-// registers from zero and added to C at the end (not continued from C): long k is then summed
-// in blocks of at most kKC, which keeps the rounding error close to a BLAS's.
-template <typename T, bool kAccumulate>
-inline void micro_full(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
-                       int64_t ldc) {
+// C (a full kMR x kNR tile, ldc) = (or +=) A . B. The product is summed in registers from zero
+// and added to C at the end (not continued from C): long k is then summed in blocks of at most
+// kKC, which keeps the rounding error close to a BLAS's.
+template <typename T, bool kColA, bool kAccumulate>
+inline void micro_full(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                       T* __restrict c, int64_t ldc) {
   constexpr int64_t V = Vec<T>::size(), NR = kNR<T>;
-  Vec<T> c0[kMR], c1[kMR];
-  for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = Vec<T>(T(0));
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    const Vec<T> b0 = Vec<T>::loadu(b), b1 = Vec<T>::loadu(b + V);
-    for (int r = 0; r < kMR; ++r) {
-      const Vec<T> av(a[r]);
-      c0[r] = at::vec::fmadd(av, b0, c0[r]);
-      c1[r] = at::vec::fmadd(av, b1, c1[r]);
-    }
-    a += kMR;
-    b += NR;
-  }
+  NLK_MICRO_LOOP(kColA)
   for (int r = 0; r < kMR; ++r) {
     if constexpr (kAccumulate) {
       c0[r] = c0[r] + Vec<T>::loadu(c + r * ldc);
@@ -236,6 +205,7 @@ inline void micro_full(int64_t kc, const T* __restrict a, const T* __restrict b,
     c1[r].store(c + r * ldc + V);
   }
 }
+#undef NLK_MICRO_LOOP
 
 // C[0:rows, 0:cols] (ldc) = (or +=) out: the edge tiles.
 template <typename T>
@@ -247,53 +217,74 @@ inline void update_c(const T* __restrict out, T* __restrict c, int64_t ldc, int6
       c[r * ldc + j] = accumulate ? c[r * ldc + j] + out[r * NR + j] : out[r * NR + j];
 }
 
-// Packed operand: panels at p, packed with full depth ld, used from depth k0 on.
+// Packed B operand: panels at p, packed with full depth ld, used from depth k0 on.
 template <typename T>
 struct Panels {
   const T* p;
   int64_t ld, k0;
 };
 
-// C (m x n, row-major, ldc) = (or +=) A (m x k) B (k x n) from packed panels.
-template <typename T>
-void gemm_panels(int64_t m, int64_t n, int64_t k, Panels<T> A, Panels<T> B, bool accumulate,
-                 T* C, int64_t ldc) {
+// C (m x n, row-major, ldc) = (or +=) A (m x k, a view with a unit stride) B (k x n, panels).
+// `edge` is scratch for kMR x kKC elements.
+template <typename T, bool kColA>
+void gemm_strided_a(int64_t m, int64_t n, int64_t k, const View<T>& A, const Panels<T>& B,
+                    bool accumulate, T* C, int64_t ldc, T* edge) {
   constexpr int64_t NR = kNR<T>;
+  const int64_t lda = kColA ? A.cs : A.rs;
+  const int64_t mfull = m / kMR, mrem = m % kMR, nb = panels<T>(n, NR);
+  alignas(64) T out[kMR * NR];
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    if (mrem > 0) {  // the last rows, as a zero-padded column-major strip
+      for (int64_t kk = 0; kk < kc; ++kk)
+        for (int64_t i = 0; i < kMR; ++i)
+          edge[kk * kMR + i] =
+              i < mrem ? A.p[(mfull * kMR + i) * A.rs + (k0 + kk) * A.cs] : T(0);
+    }
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      const T* bp = B.p + jb * B.ld * NR + (B.k0 + k0) * NR;
+      const int64_t cols = std::min(NR, n - jb * NR);
+      for (int64_t ib = 0; ib < mfull; ++ib) {
+        const T* ap = A.p + ib * kMR * A.rs + k0 * A.cs;
+        T* c = C + ib * kMR * ldc + jb * NR;
+        if (cols == NR) {
+          if (acc) {
+            micro_full<T, kColA, true>(kc, ap, lda, bp, c, ldc);
+          } else {
+            micro_full<T, kColA, false>(kc, ap, lda, bp, c, ldc);
+          }
+        } else {
+          micro<T, kColA>(kc, ap, lda, bp, out);
+          update_c(out, c, ldc, kMR, cols, acc);
+        }
+      }
+      if (mrem > 0) {
+        micro<T, true>(kc, edge, kMR, bp, out);
+        update_c(out, C + mfull * kMR * ldc + jb * NR, ldc, mrem, cols, acc);
+      }
+    }
+  }
+}
+
+template <typename T>
+void gemm_panels(int64_t m, int64_t n, int64_t k, const View<T>& A, const Panels<T>& B,
+                 bool accumulate, T* C, int64_t ldc, T* edge) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     if (!accumulate)
       for (int64_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, T(0));
     return;
   }
-  const int64_t mb = panels<T>(m, kMR), nb = panels<T>(n, NR);
-  alignas(64) T out[kMR * NR];
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
-    const bool acc = accumulate || k0 > 0;
-    for (int64_t jb = 0; jb < nb; ++jb) {
-      const T* bp = B.p + jb * B.ld * NR + (B.k0 + k0) * NR;
-      const int64_t cols = std::min(NR, n - jb * NR);
-      for (int64_t ib = 0; ib < mb; ++ib) {
-        const T* ap = A.p + ib * A.ld * kMR + (A.k0 + k0) * kMR;
-        T* c = C + ib * kMR * ldc + jb * NR;
-        const int64_t rows = std::min(kMR, m - ib * kMR);
-        if (rows == kMR && cols == NR) {
-          if (acc) {
-            micro_full<T, true>(kc, ap, bp, c, ldc);
-          } else {
-            micro_full<T, false>(kc, ap, bp, c, ldc);
-          }
-        } else {
-          micro(kc, ap, bp, out);
-          update_c(out, c, ldc, rows, cols, acc);
-        }
-      }
-    }
+  if (A.rs == 1 && (A.cs != 1 || m > 1)) {
+    gemm_strided_a<T, true>(m, n, k, A, B, accumulate, C, ldc, edge);
+  } else {
+    gemm_strided_a<T, false>(m, n, k, A, B, accumulate, C, ldc, edge);
   }
 }
 
 // GEMM on strided views, used by the BLAS kernels: a BLAS call when both views have a unit
-// stride (always, for the operands those kernels build), else both packed and gemm_panels.
+// stride (always, for the operands those kernels build), else the panel GEMM.
 template <typename T>
 class Gemm {
  public:
@@ -312,16 +303,21 @@ class Gemm {
                 A.p, int(lda), accumulate ? T(1) : T(0), C, int(ldc));
       return;
     }
-    T* ap = apack_.ensure(size_t(panels<T>(m, kMR) * kMR * std::max<int64_t>(k, 1)));
+    if (A.rs != 1 && A.cs != 1) {  // no unit stride: a row-major copy
+      T* ac = acopy_.ensure(size_t(m * std::max<int64_t>(k, 1)));
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < k; ++c) ac[r * k + c] = A.p[r * A.rs + c * A.cs];
+      A = View<T>{ac, k, 1};
+    }
     T* bp = bpack_.ensure(size_t(panels<T>(n, kNR<T>) * kNR<T> * std::max<int64_t>(k, 1)));
-    pack_a<T, T>(A.p, A.rs, A.cs, m, k, T(1), ap);
     pack_b<T, T>(B.p, B.rs, B.cs, k, n, T(1), bp, 0, panels<T>(n, kNR<T>));
-    gemm_panels<T>(m, n, k, Panels<T>{ap, k, 0}, Panels<T>{bp, k, 0}, accumulate, C, ldc);
+    gemm_panels<T>(m, n, k, A, Panels<T>{bp, k, 0}, accumulate, C, ldc,
+                   edge_.ensure(size_t(kMR * kKC)));
   }
 
  private:
   bool use_blas_;
-  Buf<T> apack_, bpack_;
+  Buf<T> acopy_, bpack_, edge_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -472,14 +468,15 @@ void pack_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int64_t ro
 // B-panels of the k x n matrices src[b] (b * bs + r * rs + c * cs), items = (batch, panel).
 template <typename S>
 void pack_panels_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int64_t k,
-                      int64_t n, void* dst_v, int64_t dst_bs, int64_t item0, int64_t item1) {
+                      int64_t n, double alpha, void* dst_v, int64_t dst_bs, int64_t item0,
+                      int64_t item1) {
   using A = typename Compute<S>::type;
   const S* src = static_cast<const S*>(src_v);
   A* dst = static_cast<A*>(dst_v);
   const int64_t np = panels<A>(n, kNR<A>);
   for (int64_t item = item0; item < item1;) {
     const int64_t b = item / np, jb0 = item % np, jb1 = std::min(np, jb0 + (item1 - item));
-    pack_b<A, S>(src + b * bs, rs, cs, k, n, A(1), dst + b * dst_bs, jb0, jb1);
+    pack_b<A, S>(src + b * bs, rs, cs, k, n, static_cast<A>(alpha), dst + b * dst_bs, jb0, jb1);
     item += jb1 - jb0;
   }
 }
@@ -500,54 +497,81 @@ inline void online_softmax_row(A* srow, int64_t bn, A& m, double& l, A* acc_row,
   m = m_new;
 }
 
+// An input tile (rows x cols at src, strides rs, cs; rows <= the tile height) as the A operand
+// of the panel GEMM: in place when it is the compute type and row-major; a column-major source
+// (a channels-first view, rs == 1) is copied column by column into `buf` (lda = rows: the
+// micro-kernel's strided broadcasts then stay within a few cache lines); anything else is
+// converted into `buf` row-major.
+template <typename S, typename A>
+View<A> a_operand(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, A* buf) {
+  if constexpr (std::is_same_v<S, A>) {
+    if (cs == 1 && rs != 1) return View<A>{src, rs, cs};
+  }
+  if (rs == 1 && cs != 1) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const S* sc = src + c * cs;
+      A* d = buf + c * rows;
+      for (int64_t r = 0; r < rows; ++r) d[r] = static_cast<A>(sc[r]);
+    }
+    return View<A>{buf, 1, rows};
+  }
+  load_tile<S, A>(src, rs, cs, rows, cols, buf, cols, A(1));
+  return View<A>{buf, cols, 1};
+}
+
 template <typename S, bool kPacked>
 void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
-  const int64_t qsize = kPacked ? panels<A>(BM, kMR) * kMR * dk : BM * dk;
-  Buf<A> qb(qsize), sb(BM * BN), pb(kPacked ? panels<A>(BM, kMR) * kMR * BN : 1),
-      accb(BM * dv + 1), mb(BM);
-  Buf<double> lb(BM);
-  A *q = qb.get(), *s = sb.get(), *pp = pb.get(), *acc = accb.get();
-  A* mrow = mb.get();
-  double* lrow = lb.get();
+  Arena& arena = worker_arena;
+  arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * BN) +
+                Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(BM) +
+                Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<double>(BM));
+  A* q = arena.take<A>(BM * dk);
+  A* s = arena.take<A>(BM * BN);
+  A* acc = arena.take<A>(BM * dv);
+  A* mrow = arena.take<A>(BM);
+  A* edge = arena.take<A>(kMR * kKC);
+  double* lrow = arena.take<double>(BM);
   Gemm<A> gemm(plan.use_blas);
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
+  const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
 
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / plan.n_qtiles, i0 = (task % plan.n_qtiles) * BM;
     const int64_t bm = std::min(BM, N - i0);
-    const S* tsrc = theta + b * p.theta_stride[0] + i0 * p.theta_stride[1];
+    const S* tsrc = theta + b * p.theta_stride[0] + i0 * ts1;
+    View<A> qv{q, dk, 1};
     if constexpr (kPacked) {
-      pack_a<A, S>(tsrc, p.theta_stride[1], p.theta_stride[2], bm, dk, scale, q);
+      qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);  // scale is in the phi^T panels
     } else {
-      load_tile<S, A>(tsrc, p.theta_stride[1], p.theta_stride[2], bm, dk, q, dk, scale);
+      load_tile<S, A>(tsrc, ts1, ts2, bm, dk, q, dk, scale);
     }
     std::fill(acc, acc + bm * dv, A(0));
     std::fill(mrow, mrow + bm, -std::numeric_limits<A>::infinity());
     std::fill(lrow, lrow + bm, 0.0);
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
-      // S = (scale theta) phi_j^T
+      // S = scale theta phi_j^T
       if constexpr (kPacked) {
         const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
-        gemm_panels<A>(bm, bn, dk, Panels<A>{q, dk, 0}, Panels<A>{kt, dk, 0}, false, s, BN);
+        gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, BN, edge);
       } else {
         const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
                          plan.k.rs, plan.k.cs};
-        gemm(bm, bn, dk, View<A>{q, dk, 1}, kj.t(), false, s, BN);
+        gemm(bm, bn, dk, qv, kj.t(), false, s, BN);
       }
       for (int64_t r = 0; r < bm; ++r)
         online_softmax_row(s + r * BN, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
       if constexpr (kPacked) {
-        pack_a<A, A>(s, BN, 1, bm, bn, A(1), pp);
         const A* vp = static_cast<const A*>(plan.vp) + b * plan.v_bs;
-        gemm_panels<A>(bm, dv, bn, Panels<A>{pp, bn, 0}, Panels<A>{vp, M, j0}, true, acc, dv);
+        gemm_panels<A>(bm, dv, bn, View<A>{s, BN, 1}, Panels<A>{vp, M, j0}, true, acc, dv,
+                       edge);
       } else {
         const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
                          plan.v.rs, plan.v.cs};
@@ -563,6 +587,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
           static_cast<A>(static_cast<double>(mrow[r]) + std::log(lrow[r]));
     }
   }
+  arena.trim(kArenaKeepBytes);
 }
 
 template <typename S, bool kPacked>
@@ -572,23 +597,33 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
   const int64_t G = plan.groups;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
-  const int64_t am = panels<A>(BM, kMR) * kMR, an = panels<A>(BN, kMR) * kMR;
-  // Packed: q/dyt are A-panels (BM x dk, BM x dv), qb_/dyb_ the same tiles as B-panels (k = BM),
-  // t1_/t2_ the A-panels of P^T, dS^T and dS. BLAS: q, dyt row-major tiles.
-  Buf<A> qb(kPacked ? am * dk : BM * dk), dyb(kPacked ? am * dv : BM * dv), sb(BM * BN),
-      dpb(BM * BN), dqb(BM * dk + 1), Db(BM), Lb(BM);
-  Buf<A> qbb(kPacked ? panels<A>(dk, NR) * NR * BM : 1),
-      dybb(kPacked ? panels<A>(dv, NR) * NR * BM : 1), tb1(kPacked ? an * BM : 1),
-      tb2(kPacked ? std::max(an * BM, am * BN) : 1);
-  A *q = qb.get(), *dyt = dyb.get(), *s = sb.get(), *dp = dpb.get(), *dq = dqb.get();
-  A *D = Db.get(), *L = Lb.get(), *qbp = qbb.get(), *dybp = dybb.get(), *t1p = tb1.get(),
-    *t2p = tb2.get();
+  // q, dyt: the theta / dy tiles when they must be converted (BLAS path: always, theta scaled);
+  // qbp, dybp: the same tiles as B-panels (k = BM), theta scaled (panel path only).
+  const int64_t qb_n = kPacked ? panels<A>(dk, NR) * NR * BM : 1;
+  const int64_t dyb_n = kPacked ? panels<A>(dv, NR) * NR * BM : 1;
+  Arena& arena = worker_arena;
+  arena.reserve(Arena::bytes_for<A>(BM * dk) * 2 + Arena::bytes_for<A>(BM * dv) +
+                Arena::bytes_for<A>(BM * BN) * 2 + Arena::bytes_for<A>(BM) * 2 +
+                Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<A>(qb_n) +
+                Arena::bytes_for<A>(dyb_n));
+  A* q = arena.take<A>(BM * dk);
+  A* dq = arena.take<A>(BM * dk);
+  A* dyt = arena.take<A>(BM * dv);
+  A* s = arena.take<A>(BM * BN);
+  A* dp = arena.take<A>(BM * BN);
+  A* D = arena.take<A>(BM);
+  A* L = arena.take<A>(BM);
+  A* edge = arena.take<A>(kMR * kKC);
+  A* qbp = arena.take<A>(qb_n);
+  A* dybp = arena.take<A>(dyb_n);
   Gemm<A> gemm(plan.use_blas);
   const S* theta = static_cast<const S*>(p.theta);
   const S* dy = static_cast<const S*>(p.dy);
   const S* y = static_cast<const S*>(p.y);
   const A* lse = static_cast<const A*>(p.lse);
   S* dtheta = static_cast<S*>(p.dtheta);
+  const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
+  const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
 
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
@@ -598,14 +633,13 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
     const int64_t qt_end = std::min(plan.n_qtiles, (grp + 1) * plan.tiles_per_group);
     for (int64_t qt = grp * plan.tiles_per_group; qt < qt_end; ++qt) {
       const int64_t i0 = qt * BM, bm = std::min(BM, N - i0);
-      const S* tsrc = theta + b * p.theta_stride[0] + i0 * p.theta_stride[1];
-      const S* dysrc = dy + b * p.dy_stride[0] + i0 * p.dy_stride[1];
-      const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
-      const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
+      const S* tsrc = theta + b * p.theta_stride[0] + i0 * ts1;
+      const S* dysrc = dy + b * p.dy_stride[0] + i0 * ds1;
+      View<A> qv{q, dk, 1}, dyv{dyt, dv, 1};
       if constexpr (kPacked) {
-        pack_a<A, S>(tsrc, ts1, ts2, bm, dk, scale, q);
+        qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);  // unscaled: scale is in phi^T panels
+        dyv = a_operand<S, A>(dysrc, ds1, ds2, bm, dv, dyt);
         pack_b<A, S>(tsrc, ts1, ts2, bm, dk, scale, qbp, 0, panels<A>(dk, NR));
-        pack_a<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dyt);
         pack_b<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dybp, 0, panels<A>(dv, NR));
       } else {
         load_tile<S, A>(tsrc, ts1, ts2, bm, dk, q, dk, scale);
@@ -626,55 +660,41 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       std::fill(dq, dq + bm * dk, A(0));
       for (int64_t j0 = 0; j0 < M; j0 += BN) {
         const int64_t bn = std::min(BN, M - j0);
-        View<A> kj{nullptr, 0, 0}, vj{nullptr, 0, 0};
-        if constexpr (!kPacked) {
-          kj = {static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs, plan.k.rs,
-                plan.k.cs};
-          vj = {static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs, plan.v.rs,
-                plan.v.cs};
-        }
-        // P = exp(S - lse), S = (scale theta) phi_j^T
+        const View<A> pt{s, 1, BN}, dst{dp, 1, BN}, ds{dp, BN, 1};  // P^T, dS^T, dS
         if constexpr (kPacked) {
           const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
-          gemm_panels<A>(bm, bn, dk, Panels<A>{q, dk, 0}, Panels<A>{kt, dk, 0}, false, s, BN);
-        } else {
-          gemm(bm, bn, dk, View<A>{q, dk, 1}, kj.t(), false, s, BN);
-        }
-        for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
-        // dg_j += P^T dy
-        if constexpr (kPacked) {
-          pack_a<A, A>(s, 1, BN, bn, bm, A(1), t1p);
-          gemm_panels<A>(bn, dv, bm, Panels<A>{t1p, bm, 0}, Panels<A>{dybp, bm, 0}, true,
-                         dvp + j0 * dv, dv);
-        } else {
-          gemm(bn, dv, bm, View<A>{s, 1, BN}, View<A>{dyt, dv, 1}, true, dvp + j0 * dv, dv);
-        }
-        // dP = dy g_j^T, then dS = P * (dP - D)
-        if constexpr (kPacked) {
           const A* vt = static_cast<const A*>(plan.vtp) + b * plan.vt_bs + (j0 / NR) * dv * NR;
-          gemm_panels<A>(bm, bn, dv, Panels<A>{dyt, dv, 0}, Panels<A>{vt, dv, 0}, false, dp, BN);
-        } else {
-          gemm(bm, bn, dv, View<A>{dyt, dv, 1}, vj.t(), false, dp, BN);
-        }
-        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
-        // dphi_j += dS^T (scale theta); dtheta += dS phi_j (times scale when written)
-        if constexpr (kPacked) {
-          pack_a<A, A>(dp, 1, BN, bn, bm, A(1), t2p);
-          gemm_panels<A>(bn, dk, bm, Panels<A>{t2p, bm, 0}, Panels<A>{qbp, bm, 0}, true,
-                         dkp + j0 * dk, dk);
-          pack_a<A, A>(dp, BN, 1, bm, bn, A(1), t2p);
           const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
-          gemm_panels<A>(bm, dk, bn, Panels<A>{t2p, bn, 0}, Panels<A>{kp, M, j0}, true, dq, dk);
+          // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
+          gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, BN, edge);
+          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
+          // dg_j += P^T dy
+          gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, true, dvp + j0 * dv, dv, edge);
+          // dP = dy g_j^T, then dS = P * (dP - D)
+          gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, BN, edge);
+          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
+          // dphi_j += dS^T (scale theta); dtheta += dS phi_j (times scale when written)
+          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, true, dkp + j0 * dk, dk, edge);
+          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, dk, edge);
         } else {
-          gemm(bn, dk, bm, View<A>{dp, 1, BN}, View<A>{q, dk, 1}, true, dkp + j0 * dk, dk);
-          gemm(bm, dk, bn, View<A>{dp, BN, 1}, kj, true, dq, dk);
+          const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
+                           plan.k.rs, plan.k.cs};
+          const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
+                           plan.v.rs, plan.v.cs};
+          gemm(bm, bn, dk, qv, kj.t(), false, s, BN);
+          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
+          gemm(bn, dv, bm, pt, dyv, true, dvp + j0 * dv, dv);
+          gemm(bm, bn, dv, dyv, vj.t(), false, dp, BN);
+          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
+          gemm(bn, dk, bm, dst, qv, true, dkp + j0 * dk, dk);
+          gemm(bm, dk, bn, ds, kj, true, dq, dk);
         }
       }
-      store_tile<S, A>(dq, dk, bm, dk,
-                       dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
+      store_tile<S, A>(dq, dk, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
                        p.dtheta_stride[1], p.dtheta_stride[2], scale);
     }
   }
+  arena.trim(kArenaKeepBytes);
 }
 
 template <typename S>
@@ -722,10 +742,10 @@ void pack_entry(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs
   NLK_DISPATCH(dtype, return pack_impl<S>(src, bs, rs, cs, rows, cols, dst, b0, b1));
 }
 void pack_panels_entry(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
-                       int64_t k, int64_t n, void* dst, int64_t dst_bs, int64_t item0,
-                       int64_t item1) {
-  NLK_DISPATCH(dtype,
-               return pack_panels_impl<S>(src, bs, rs, cs, k, n, dst, dst_bs, item0, item1));
+                       int64_t k, int64_t n, double alpha, void* dst, int64_t dst_bs,
+                       int64_t item0, int64_t item1) {
+  NLK_DISPATCH(dtype, return pack_panels_impl<S>(src, bs, rs, cs, k, n, alpha, dst, dst_bs,
+                                                 item0, item1));
 }
 void forward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   if (plan.packed) {
