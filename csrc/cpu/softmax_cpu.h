@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <new>
+#include <stdexcept>
 
 #include "params.h"
 
@@ -82,6 +83,7 @@ class Arena {
   T* take(int64_t count) {
     T* p = reinterpret_cast<T*>(base_ + used_);
     used_ += bytes_for<T>(count);
+    if (used_ > cap_) throw std::logic_error("nonlocal_kernels: CPU scratch arena overrun");
     return p;
   }
   // Frees the memory when more than `keep` bytes are held.

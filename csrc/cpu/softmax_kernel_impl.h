@@ -134,6 +134,8 @@ inline int64_t panels(int64_t n, int64_t width) {
 }
 
 // B-panels jb0..jb1 of the k x n matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs].
+// Row-major sources copy kNR contiguous values per row; column-major ones (rs == 1) go through
+// 8 x 8 blocks, so that both the reads and the writes stay within a few cache lines.
 template <typename A, typename S>
 void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha, A* dst,
             int64_t jb0, int64_t jb1) {
@@ -141,13 +143,25 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
   for (int64_t jb = jb0; jb < jb1; ++jb) {
     const int64_t c0 = jb * NR, cn = std::min(NR, n - c0);
     A* d = dst + jb * k * NR;
-    if (rs == 1 && cs != 1) {
-      for (int64_t j = 0; j < cn; ++j) {
-        const S* s = src + (c0 + j) * cs;
-        for (int64_t kk = 0; kk < k; ++kk) d[kk * NR + j] = alpha * static_cast<A>(s[kk]);
+    if (cs == 1 && cn == NR) {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const S* s = src + kk * rs + c0;
+        A* dk_ = d + kk * NR;
+        for (int64_t j = 0; j < NR; ++j) dk_[j] = alpha * static_cast<A>(s[j]);
       }
-      for (int64_t j = cn; j < NR; ++j)
-        for (int64_t kk = 0; kk < k; ++kk) d[kk * NR + j] = A(0);
+    } else if (rs == 1 && cs != 1) {
+      for (int64_t kk0 = 0; kk0 < k; kk0 += 8) {
+        const int64_t kn = std::min<int64_t>(8, k - kk0);
+        for (int64_t j = 0; j < NR; ++j) {
+          if (j < cn) {
+            const S* s = src + (c0 + j) * cs + kk0;
+            for (int64_t kk = 0; kk < kn; ++kk)
+              d[(kk0 + kk) * NR + j] = alpha * static_cast<A>(s[kk]);
+          } else {
+            for (int64_t kk = 0; kk < kn; ++kk) d[(kk0 + kk) * NR + j] = A(0);
+          }
+        }
+      }
     } else {
       for (int64_t kk = 0; kk < k; ++kk) {
         const S* s = src + kk * rs + c0 * cs;
@@ -524,13 +538,16 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
+  // Row stride of the S / dP tiles: padded so that their columns (read by the micro-kernel as
+  // P^T and dS^T) do not map to a handful of L1 sets when BN is a power of two.
+  const int64_t LS = BN + 16;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
   Arena& arena = worker_arena;
-  arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * BN) +
+  arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * LS) +
                 Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(BM) +
                 Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<double>(BM));
   A* q = arena.take<A>(BM * dk);
-  A* s = arena.take<A>(BM * BN);
+  A* s = arena.take<A>(BM * LS);
   A* acc = arena.take<A>(BM * dv);
   A* mrow = arena.take<A>(BM);
   A* edge = arena.take<A>(kMR * kKC);
@@ -559,23 +576,23 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
       // S = scale theta phi_j^T
       if constexpr (kPacked) {
         const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
-        gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, BN, edge);
+        gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
       } else {
         const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
                          plan.k.rs, plan.k.cs};
-        gemm(bm, bn, dk, qv, kj.t(), false, s, BN);
+        gemm(bm, bn, dk, qv, kj.t(), false, s, LS);
       }
       for (int64_t r = 0; r < bm; ++r)
-        online_softmax_row(s + r * BN, bn, mrow[r], lrow[r], acc + r * dv, dv);
+        online_softmax_row(s + r * LS, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
       if constexpr (kPacked) {
         const A* vp = static_cast<const A*>(plan.vp) + b * plan.v_bs;
-        gemm_panels<A>(bm, dv, bn, View<A>{s, BN, 1}, Panels<A>{vp, M, j0}, true, acc, dv,
+        gemm_panels<A>(bm, dv, bn, View<A>{s, LS, 1}, Panels<A>{vp, M, j0}, true, acc, dv,
                        edge);
       } else {
         const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
                          plan.v.rs, plan.v.cs};
-        gemm(bm, dv, bn, View<A>{s, BN, 1}, vj, true, acc, dv);
+        gemm(bm, dv, bn, View<A>{s, LS, 1}, vj, true, acc, dv);
       }
     }
     for (int64_t r = 0; r < bm; ++r) {
@@ -595,6 +612,10 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
+  // Row stride of the S / dP tiles: padded so that their columns (read by the micro-kernel as
+  // P^T and dS^T) do not map to a handful of L1 sets when BN is a power of two.
+  const int64_t LS = BN + 16;
+  const int64_t LQ = dk + 16;  // row stride of the dtheta tile, padded for the same reason
   const int64_t G = plan.groups;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
   // q, dyt: the theta / dy tiles when they must be converted (BLAS path: always, theta scaled);
@@ -602,15 +623,15 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const int64_t qb_n = kPacked ? panels<A>(dk, NR) * NR * BM : 1;
   const int64_t dyb_n = kPacked ? panels<A>(dv, NR) * NR * BM : 1;
   Arena& arena = worker_arena;
-  arena.reserve(Arena::bytes_for<A>(BM * dk) * 2 + Arena::bytes_for<A>(BM * dv) +
-                Arena::bytes_for<A>(BM * BN) * 2 + Arena::bytes_for<A>(BM) * 2 +
+  arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * LQ) +
+                Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(BM * LS) * 2 + Arena::bytes_for<A>(BM) * 2 +
                 Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<A>(qb_n) +
                 Arena::bytes_for<A>(dyb_n));
   A* q = arena.take<A>(BM * dk);
-  A* dq = arena.take<A>(BM * dk);
+  A* dq = arena.take<A>(BM * LQ);
   A* dyt = arena.take<A>(BM * dv);
-  A* s = arena.take<A>(BM * BN);
-  A* dp = arena.take<A>(BM * BN);
+  A* s = arena.take<A>(BM * LS);
+  A* dp = arena.take<A>(BM * LS);
   A* D = arena.take<A>(BM);
   A* L = arena.take<A>(BM);
   A* edge = arena.take<A>(kMR * kKC);
@@ -657,40 +678,40 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         D[r] = static_cast<A>(d);
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
       }
-      std::fill(dq, dq + bm * dk, A(0));
+      std::fill(dq, dq + bm * LQ, A(0));
       for (int64_t j0 = 0; j0 < M; j0 += BN) {
         const int64_t bn = std::min(BN, M - j0);
-        const View<A> pt{s, 1, BN}, dst{dp, 1, BN}, ds{dp, BN, 1};  // P^T, dS^T, dS
+        const View<A> pt{s, 1, LS}, dst{dp, 1, LS}, ds{dp, LS, 1};  // P^T, dS^T, dS
         if constexpr (kPacked) {
           const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
           const A* vt = static_cast<const A*>(plan.vtp) + b * plan.vt_bs + (j0 / NR) * dv * NR;
           const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
           // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
-          gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, BN, edge);
-          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
+          gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
+          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
           // dg_j += P^T dy
           gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, true, dvp + j0 * dv, dv, edge);
           // dP = dy g_j^T, then dS = P * (dP - D)
-          gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, BN, edge);
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
+          gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, LS, edge);
+          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
           // dphi_j += dS^T (scale theta); dtheta += dS phi_j (times scale when written)
           gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, true, dkp + j0 * dk, dk, edge);
-          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, dk, edge);
+          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, LQ, edge);
         } else {
           const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
                            plan.k.rs, plan.k.cs};
           const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
                            plan.v.rs, plan.v.cs};
-          gemm(bm, bn, dk, qv, kj.t(), false, s, BN);
-          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * BN, bn, L[r]);
+          gemm(bm, bn, dk, qv, kj.t(), false, s, LS);
+          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
           gemm(bn, dv, bm, pt, dyv, true, dvp + j0 * dv, dv);
-          gemm(bm, bn, dv, dyv, vj.t(), false, dp, BN);
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * BN, dp + r * BN, bn, D[r]);
+          gemm(bm, bn, dv, dyv, vj.t(), false, dp, LS);
+          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
           gemm(bn, dk, bm, dst, qv, true, dkp + j0 * dk, dk);
-          gemm(bm, dk, bn, ds, kj, true, dq, dk);
+          gemm(bm, dk, bn, ds, kj, true, dq, LQ);
         }
       }
-      store_tile<S, A>(dq, dk, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
+      store_tile<S, A>(dq, LQ, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
                        p.dtheta_stride[1], p.dtheta_stride[2], scale);
     }
   }
