@@ -1,15 +1,21 @@
 // Tile kernels of the CPU softmax family (see softmax_cpu.h for the work split and
 // DESIGN.md section 4 for the algorithm). Included by one .cpp per instruction set, which first
-// defines NLK_CAPNS (the namespace of this copy), NLK_TABLE (the KernelTable it defines), CPU_CAPABILITY and CPU_CAPABILITY_<ISA> so
-// that at::vec::Vectorized is the AVX2 or the portable version.
+// defines NLK_CAPNS (the namespace of this copy), NLK_TABLE / NLK_TABLE_LABEL (the KernelTable
+// it defines), CPU_CAPABILITY and CPU_CAPABILITY_<ISA>, so that at::vec::Vectorized is the AVX2
+// or the portable version.
 //
 // Everything is computed in the compute type A (float, or double for float64 inputs): inputs are
-// converted while packing, S, P, dP, dS and every accumulator are A.
+// converted while loading tiles; S, P, dP, dS and every accumulator are A; row sums of the
+// softmax and D = rowsum(dy * y) are summed in double.
 //
-// Tile products go through gemm(): a BLAS sgemm_/dgemm_ call on the tile (torch's own BLAS,
-// found at load time through weak symbols) when `use_blas`, else gemm_vec(), a packed,
-// register-blocked GEMM on at::vec::Vectorized (6 x 2-vector micro-tile, k blocked by 256).
-// benchmarks/results/cpu-*.md records which is faster here.
+// Two ways to do the tile products (NONLOCAL_KERNELS_CPU_GEMM):
+// - "vec" (default, kPacked): the panel GEMM below, on at::vec::Vectorized: a 6 x 2-vector
+//   register-blocked micro-kernel, k blocked by 256, B operands (phi, phi^T, g, g^T and the
+//   per-tile theta / dy) packed into panels, phi/g once per call; A operands read in place.
+// - "blas": one sgemm_/dgemm_ call per tile product, on strided views (torch's own BLAS, found
+//   at load time through weak symbols).
+// benchmarks/results/cpu-*.md has the measurement: "vec" is 5-10% faster here (it packs phi/g
+// once per call where a BLAS call repacks both operands of every tile product).
 #pragma once
 
 #if !defined(NLK_CAPNS) || !defined(NLK_TABLE) || !defined(NLK_TABLE_LABEL)
@@ -46,7 +52,7 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// A 64-byte aligned scratch buffer owned by one task range (one thread).
+// A 64-byte aligned grow-only buffer owned by one thread (BLAS-path fallbacks, the reduction).
 template <typename T>
 class Buf {
  public:
@@ -87,8 +93,8 @@ struct View {
 };
 
 // ---------------------------------------------------------------------------------------------
-// GEMM on tiles: C (m x n, row-major, ldc) = alpha * A (m x k) * B (k x n) + beta * C.
-// beta == 0 never reads C (it may hold garbage).
+// GEMM on tiles: C (m x n, row-major, ldc) = A (m x k) B (k x n), or += when accumulating.
+// Overwriting never reads C (it may hold garbage).
 
 inline void blas_call(char ta, char tb, int m, int n, int k, float alpha, const float* a,
                       int lda, const float* b, int ldb, float beta, float* c, int ldc) {
@@ -120,9 +126,9 @@ bool as_blas(const View<T>& v, int64_t rows, int64_t cols, int64_t& ld, bool& tr
 // zero-padded past n, so the micro-kernel reads it contiguously; a panel set is addressed by its
 // base, the full k it was packed with (its "ld") and a starting kk, so a k-slice of a bigger
 // packed matrix (phi, g packed once per call) is free. A (m x k) is read in place through its
-// strides, one of which must be 1: row-major tiles (P, dS, a row-major theta) and transposed ones
-// (P^T, dS^T, a channels-first theta) both stream well; only the last partial strip of fewer
-// than kMR rows is copied (zero-padded).
+// strides, one of which must be 1: row-major tiles (P, dS, a row-major theta or dy) and
+// transposed ones (P^T, dS^T, a column-wise copy of a channels-first theta) both stream well; only
+// the last partial strip of fewer than kMR rows is copied (zero-padded).
 constexpr int64_t kMR = 6;    // micro-tile rows: 12 accumulators + 2 B vectors + 1 broadcast
 constexpr int64_t kKC = 256;  // k block (the B panel, kKC x kNR, stays in L1)
 template <typename T>
