@@ -402,6 +402,22 @@ void scale_row(T* x, int64_t n, T a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
+// sum_c x[c * xs] * y[c * ys] in double, with 8 partial sums (a fixed order, so deterministic)
+// to break the latency chain of one accumulator. Used for D = rowsum(dy * y): with a wide g
+// (dv in the thousands) D nearly cancels against dP, and a float sum over dv terms would cost
+// more accuracy than the reference loses.
+template <typename S>
+double dot_double(const S* x, int64_t xs, const S* y, int64_t ys, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int i = 0; i < 8; ++i)
+      acc[i] += static_cast<double>(x[(c + i) * xs]) * static_cast<double>(y[(c + i) * ys]);
+  for (int i = 0; c < n; ++c, ++i)
+    acc[i] += static_cast<double>(x[c * xs]) * static_cast<double>(y[c * ys]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // ds = p * (dp - d), in place into dp.
 template <typename T>
 void softmax_grad_row(const T* p, T* dp, int64_t n, T d) {
@@ -676,12 +692,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         // D_i = rowsum(dy_i * y_i), from y as the forward stored it.
         const S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
         const S* dyrow = dysrc + r * ds1;
-        // Summed in double: with a wide g (dv in the thousands) D nearly cancels against dP, and
-        // a float sum over dv terms would cost more accuracy than the reference loses.
-        double d = 0;
-        for (int64_t c = 0; c < dv; ++c)
-          d += static_cast<double>(dyrow[c * ds2]) * static_cast<double>(yrow[c * p.y_stride[2]]);
-        D[r] = static_cast<A>(d);
+        D[r] = static_cast<A>(dot_double(dyrow, ds2, yrow, p.y_stride[2], dv));
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
       }
       std::fill(dq, dq + bm * LQ, A(0));
