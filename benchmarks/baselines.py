@@ -37,12 +37,28 @@ def _sdpa_method(sdpa_backend: Optional[str]) -> Callable:
     return run
 
 
+def _mmcv_concat(theta, phi, g, concat_weight, mode, scale):
+    """mmcv's _NonLocalNd.concatenation (also AlexHex7's): repeat theta over keys and phi over
+    queries, concatenate into a (B, 2 dk, N, M) tensor, a bias-free 1x1 conv to one channel
+    (concat_project) with ReLU, divide by M, multiply by g."""
+    B, N, dk = theta.shape
+    M = phi.shape[1]
+    t = theta.transpose(1, 2).unsqueeze(3).repeat(1, 1, 1, M)  # (B, dk, N, M)
+    p = phi.transpose(1, 2).unsqueeze(2).repeat(1, 1, N, 1)  # (B, dk, N, M)
+    feat = torch.cat([t, p], dim=1)  # (B, 2 dk, N, M)
+    pairwise = F.relu(F.conv2d(feat, concat_weight.view(1, 2 * dk, 1, 1)))  # (B, 1, N, M)
+    pairwise = pairwise.view(B, N, M) / M
+    return pairwise @ g
+
+
 # name -> (fn, modes it supports, device types, description)
 BASELINES: dict = {
     "naive": (_backend_method("reference"), None, ("cpu", "cuda"),
               "reference backend: materialises the N x M affinity"),
     "sdpa": (_sdpa_method(None), SOFTMAX_MODES, ("cpu", "cuda"),
              "torch scaled_dot_product_attention, default dispatch"),
+    "mmcv_concat": (_mmcv_concat, ("concatenation",), ("cpu", "cuda"),
+                    "mmcv-style concatenation: builds the (B, 2 dk, N, M) tensor and a 1x1 conv"),
 }
 for _name, _sdpa in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
                      ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH")):

@@ -58,8 +58,9 @@ def format_table(rows: list) -> str:
         base = naive.get(r["shape"])
         mine = r.get("fwd_bwd_ms")
         ratio = f"{base / mine:.2f}x" if base and mine else ""
+        method = r["method"] + (f" ({r['path']})" if r.get("path") else "")
         lines.append(
-            f"| {r['shape']} | {r['method']} | {_fmt_ms(r.get('fwd_ms'))} | "
+            f"| {r['shape']} | {method} | {_fmt_ms(r.get('fwd_ms'))} | "
             f"{_fmt_tflops(r['fwd_flops'], r.get('fwd_ms'))} | "
             f"{_fmt_mb(r.get('peak_fwd_bytes'))} | {_fmt_ms(r.get('fwd_bwd_ms'))} | "
             f"{_fmt_tflops(r['fwd_bwd_flops'], r.get('fwd_bwd_ms'))} | "

@@ -111,10 +111,16 @@ def measure(spec: dict) -> dict:
             step()  # also the warm-up
             return max(_peak_rss() - base, 0)
 
+        from nonlocal_kernels.backends import fast
         for step in spec["steps"]:
             run = fwd if step == "fwd" else fwd_bwd
-            result[f"peak_{step}_bytes"] = peak_of(run)
-            result[f"{step}_ms"] = _timed(run, device, spec["repeats"], spec["budget_s"])
+            # The fast backend's debug hook says which exact path ran (e.g. dot_product
+            # "reordered" or "naive" by its cost model); kept in the row as "path".
+            with fast.record_paths() as taken:
+                result[f"peak_{step}_bytes"] = peak_of(run)
+                result[f"{step}_ms"] = _timed(run, device, spec["repeats"], spec["budget_s"])
+            if taken:
+                result["path"] = taken[-1][1]
     except Exception as exc:  # reported in the table, never dropped
         if _is_oom(exc):
             result["status"] = "OOM"

@@ -120,6 +120,8 @@ def _fake_backend(name, priority=10, reason=None, modes=registry.MODES, auto=Tru
 
 
 def test_auto_picks_highest_priority_available_backend(monkeypatch):
+    # Only the reference and the fakes: the real backends (priorities up to 200) stay out.
+    monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     calls = []
     # Only the reference and the fakes: real backends (cpu, 50) may outrank them.
     monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})

@@ -3,6 +3,7 @@
 from . import registry
 from . import reference  # noqa: F401  (registers "reference")
 from . import cpu  # noqa: F401  (registers "cpu")
+from . import fast  # noqa: F401  (registers "fast": exact dot_product / concatenation paths)
 from .registry import available_backends
 
 __all__ = ["registry", "available_backends"]
