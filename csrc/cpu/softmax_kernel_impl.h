@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <vector>
 
 #include "cpu/softmax_cpu.h"
 
@@ -403,9 +404,7 @@ void scale_row(T* x, int64_t n, T a) {
 }
 
 // sum_c x[c * xs] * y[c * ys] in double, with 8 partial sums (a fixed order, so deterministic)
-// to break the latency chain of one accumulator. Used for D = rowsum(dy * y): with a wide g
-// (dv in the thousands) D nearly cancels against dP, and a float sum over dv terms would cost
-// more accuracy than the reference loses.
+// to break the latency chain of one accumulator. Used for D = rowsum(P * dP) in the backward.
 template <typename S>
 double dot_double(const S* x, int64_t xs, const S* y, int64_t ys, int64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -629,6 +628,21 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   arena.trim(kArenaKeepBytes);
 }
 
+// Backward of one (batch, query-tile group) task. Per query tile, two passes over the key tiles:
+//  1. P = exp(S - lse) (S recomputed bit for bit as in the forward), dg_j += P^T dy,
+//     dP = dy g_j^T; both tiles are kept (a BM x M row panel each, per thread), and
+//     D_i = sum_j P_ij dP_ij is summed in double;
+//  2. dS = P * (dP - D), dphi_j += dS^T (scale theta), dtheta += dS phi_j.
+// D is taken from the very P and dP the gradient uses (as autograd's softmax backward does), not
+// from rowsum(dy * y) as in FlashAttention-2: with a wide g (dv in the hundreds or more) dP is
+// large, dP - D cancels, and the small differences between the forward's P (which made y) and
+// the backward's recomputed P, plus the rounding of dP, then cost dtheta/dphi up to several times
+// the error of PyTorch in the same precision (see scripts/cpu_accuracy_sweep.py). Keeping the
+// tiles costs no extra FLOPs; the memory is 2 * BM * M per thread, linear in M.
+// In exact arithmetic D_i = dy_i . y_i. The columns c where g[:, c] is all zero add nothing to
+// dP, so their share dy_ic y_ic is taken from y as given: zero for a real zero column (the
+// forward's y is exactly zero there), and -dlse_i for the column that make_softmax_function
+// appends to pass a gradient flowing into lse (y: 1, dy: -dlse, g: 0).
 template <typename S, bool kPacked>
 void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
@@ -639,6 +653,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const int64_t LS = BN + 16;
   const int64_t LQ = dk + 16;  // row stride of the dtheta tile, padded for the same reason
   const int64_t G = plan.groups;
+  const int64_t n_ktiles = (M + BN - 1) / BN;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
   // q, dyt: the theta / dy tiles when they must be converted (BLAS path: always, theta scaled);
   // qbp, dybp: the same tiles as B-panels (k = BM), theta scaled (panel path only).
@@ -646,23 +661,29 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const int64_t dyb_n = kPacked ? panels<A>(dv, NR) * NR * BM : 1;
   Arena& arena = worker_arena;
   arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * LQ) +
-                Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(BM * LS) * 2 + Arena::bytes_for<A>(BM) * 2 +
+                Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(n_ktiles * BM * LS) * 2 +
+                Arena::bytes_for<A>(BM) * 2 + Arena::bytes_for<double>(BM) +
                 Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<A>(qb_n) +
                 Arena::bytes_for<A>(dyb_n));
   A* q = arena.take<A>(BM * dk);
   A* dq = arena.take<A>(BM * LQ);
   A* dyt = arena.take<A>(BM * dv);
-  A* s = arena.take<A>(BM * LS);
-  A* dp = arena.take<A>(BM * LS);
+  A* s_all = arena.take<A>(n_ktiles * BM * LS);   // P tiles of the current query tile
+  A* dp_all = arena.take<A>(n_ktiles * BM * LS);  // dP, then dS tiles
   A* D = arena.take<A>(BM);
   A* L = arena.take<A>(BM);
+  double* Dsum = arena.take<double>(BM);
   A* edge = arena.take<A>(kMR * kKC);
   A* qbp = arena.take<A>(qb_n);
   A* dybp = arena.take<A>(dyb_n);
   Gemm<A> gemm(plan.use_blas);
+  std::vector<char> g_nonzero;      // per column of g[b]: any nonzero entry
+  std::vector<int64_t> zero_cols;  // the all-zero columns of g[b]
+  int64_t zero_cols_batch = -1;
   const S* theta = static_cast<const S*>(p.theta);
   const S* dy = static_cast<const S*>(p.dy);
   const S* y = static_cast<const S*>(p.y);
+  const S* gin = static_cast<const S*>(p.g);
   const A* lse = static_cast<const A*>(p.lse);
   S* dtheta = static_cast<S*>(p.dtheta);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
@@ -670,6 +691,17 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
 
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
+    if (b != zero_cols_batch) {
+      g_nonzero.assign(size_t(dv), 0);
+      const S* gb = gin + b * p.g_stride[0];
+      for (int64_t j = 0; j < M; ++j)
+        for (int64_t c = 0; c < dv; ++c)
+          g_nonzero[size_t(c)] |= static_cast<A>(gb[j * p.g_stride[1] + c * p.g_stride[2]]) != A(0);
+      zero_cols.clear();
+      for (int64_t c = 0; c < dv; ++c)
+        if (!g_nonzero[size_t(c)]) zero_cols.push_back(c);
+      zero_cols_batch = b;
+    }
     A* dkp = static_cast<A*>(plan.partial) + (b * G + grp) * M * (dk + dv);  // (M, dk)
     A* dvp = dkp + M * dk;                                                    // (M, dv)
     std::fill(dkp, dkp + M * (dk + dv), A(0));
@@ -689,31 +721,25 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         load_tile<S, A>(dysrc, ds1, ds2, bm, dv, dyt, dv, A(1));
       }
       for (int64_t r = 0; r < bm; ++r) {
-        // D_i = rowsum(dy_i * y_i), from y as the forward stored it.
-        const S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
-        const S* dyrow = dysrc + r * ds1;
-        D[r] = static_cast<A>(dot_double(dyrow, ds2, yrow, p.y_stride[2], dv));
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
+        Dsum[r] = 0.0;
       }
-      std::fill(dq, dq + bm * LQ, A(0));
+      // Pass 1: P, dg, dP and D.
       for (int64_t j0 = 0; j0 < M; j0 += BN) {
         const int64_t bn = std::min(BN, M - j0);
-        const View<A> pt{s, 1, LS}, dst{dp, 1, LS}, ds{dp, LS, 1};  // P^T, dS^T, dS
+        A* s = s_all + (j0 / BN) * BM * LS;
+        A* dp = dp_all + (j0 / BN) * BM * LS;
+        const View<A> pt{s, 1, LS};  // P^T
         if constexpr (kPacked) {
           const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
           const A* vt = static_cast<const A*>(plan.vtp) + b * plan.vt_bs + (j0 / NR) * dv * NR;
-          const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
           // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
           gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
           for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
           // dg_j += P^T dy
           gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, true, dvp + j0 * dv, dv, edge);
-          // dP = dy g_j^T, then dS = P * (dP - D)
+          // dP = dy g_j^T
           gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, LS, edge);
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
-          // dphi_j += dS^T (scale theta); dtheta += dS phi_j (times scale when written)
-          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, true, dkp + j0 * dk, dk, edge);
-          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, LQ, edge);
         } else {
           const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
                            plan.k.rs, plan.k.cs};
@@ -723,7 +749,33 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
           for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
           gemm(bn, dv, bm, pt, dyv, true, dvp + j0 * dv, dv);
           gemm(bm, bn, dv, dyv, vj.t(), false, dp, LS);
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
+        }
+        for (int64_t r = 0; r < bm; ++r)  // key tiles in order: deterministic
+          Dsum[r] += dot_double(s + r * LS, 1, dp + r * LS, 1, bn);
+      }
+      for (int64_t r = 0; r < bm; ++r) {
+        const S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
+        const S* dyrow = dysrc + r * ds1;
+        for (int64_t c : zero_cols)
+          Dsum[r] += static_cast<double>(dyrow[c * ds2]) * static_cast<double>(yrow[c * p.y_stride[2]]);
+        D[r] = static_cast<A>(Dsum[r]);
+      }
+      // Pass 2: dS = P * (dP - D); dphi_j += dS^T (scale theta); dtheta += dS phi_j (times
+      // scale when written).
+      std::fill(dq, dq + bm * LQ, A(0));
+      for (int64_t j0 = 0; j0 < M; j0 += BN) {
+        const int64_t bn = std::min(BN, M - j0);
+        const A* s = s_all + (j0 / BN) * BM * LS;
+        A* dp = dp_all + (j0 / BN) * BM * LS;
+        const View<A> dst{dp, 1, LS}, ds{dp, LS, 1};  // dS^T, dS
+        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
+        if constexpr (kPacked) {
+          const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
+          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, true, dkp + j0 * dk, dk, edge);
+          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, LQ, edge);
+        } else {
+          const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
+                           plan.k.rs, plan.k.cs};
           gemm(bn, dk, bm, dst, qv, true, dkp + j0 * dk, dk);
           gemm(bm, dk, bn, ds, kj, true, dq, LQ);
         }
