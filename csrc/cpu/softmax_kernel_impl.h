@@ -761,10 +761,11 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         D[r] = static_cast<A>(Dsum[r]);
       }
       // Pass 2: dS = P * (dP - D); dphi_j += dS^T (scale theta); dtheta += dS phi_j (times
-      // scale when written).
+      // scale when written). Key tiles in reverse order: the last ones of pass 1 are still in
+      // cache.
       std::fill(dq, dq + bm * LQ, A(0));
-      for (int64_t j0 = 0; j0 < M; j0 += BN) {
-        const int64_t bn = std::min(BN, M - j0);
+      for (int64_t jt = n_ktiles - 1; jt >= 0; --jt) {
+        const int64_t j0 = jt * BN, bn = std::min(BN, M - j0);
         const A* s = s_all + (j0 / BN) * BM * LS;
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> dst{dp, 1, LS}, ds{dp, LS, 1};  // dS^T, dS
