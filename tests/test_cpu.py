@@ -116,6 +116,19 @@ def test_gradient_through_lse_only(monkeypatch):
     assert got[2].abs().max() == 0  # lse does not depend on g
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_zero_columns_of_g_and_gradient_into_y_and_lse(dtype, monkeypatch):
+    """The backward takes D from its own P and dP, except for all-zero columns of g, whose share
+    dy * y comes from y as given (how a gradient into lse reaches the kernel): real zero columns
+    of g, with gradients flowing into both y and lse, several key tiles."""
+    small_tiles(monkeypatch)
+    theta, phi, g = make_inputs(2, 30, 40, 6, 7, dtype=dtype, layout="contiguous")
+    g[..., 2] = 0
+    g[1, :, 5] = 0  # zero in one batch only
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.6,
+                                      return_lse=True))
+
+
 @pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True, ids=lambda v: v[0])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
 def test_gradcheck_float64(variant, layout, monkeypatch):
