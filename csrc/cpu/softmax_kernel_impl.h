@@ -6,7 +6,7 @@
 //
 // Everything is computed in the compute type A (float, or double for float64 inputs): inputs are
 // converted while loading tiles; S, P, dP, dS and every accumulator are A; row sums of the
-// softmax and D = rowsum(dy * y) are summed in double.
+// softmax and D = rowsum(P * dP) are summed in double.
 //
 // Two ways to do the tile products (NONLOCAL_KERNELS_CPU_GEMM):
 // - "vec" (default, kPacked): the panel GEMM below, on at::vec::Vectorized: a 6 x 2-vector
