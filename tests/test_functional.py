@@ -78,7 +78,8 @@ def test_extra_leading_batch_dims_match_flat_batch():
     theta, phi, g = make_inputs(6, 5, 4, 3, 2, dtype=torch.float64)
     flat = nonlocal_attention(theta, phi, g, scale=0.3, backend="reference")
     y, lse = nonlocal_attention(theta.reshape(2, 3, 5, 3), phi.reshape(2, 3, 4, 3),
-                                g.reshape(2, 3, 4, 2), scale=0.3, return_lse=True)
+                                g.reshape(2, 3, 4, 2), scale=0.3, return_lse=True,
+                                backend="reference")
     assert y.shape == (2, 3, 5, 2) and lse.shape == (2, 3, 5)
     assert max_abs_diff(y.reshape(6, 5, 2), flat) == 0.0
 
@@ -122,6 +123,8 @@ def test_auto_picks_highest_priority_available_backend(monkeypatch):
     # Only the reference and the fakes: the real backends (priorities up to 200) stay out.
     monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     calls = []
+    # Only the reference and the fakes: real backends (cpu, 50) may outrank them.
+    monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     for b in (_fake_backend("t_low", 10, calls=calls), _fake_backend("t_high", 20, calls=calls),
               _fake_backend("t_missing", 30, reason="frobnicator not installed", calls=calls),
               _fake_backend("t_testonly", 40, auto=False, calls=calls),

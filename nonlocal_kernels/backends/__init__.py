@@ -2,6 +2,7 @@
 
 from . import registry
 from . import reference  # noqa: F401  (registers "reference")
+from . import cpu  # noqa: F401  (registers "cpu")
 from . import fast  # noqa: F401  (registers "fast": exact dot_product / concatenation paths)
 from . import cuda  # noqa: F401  (registers "cuda")
 from . import cuda_emu  # noqa: F401  (registers "cuda_emu", tests only)

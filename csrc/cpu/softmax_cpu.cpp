@@ -1,0 +1,360 @@
+// CPU implementations of nonlocal_kernels::softmax_fwd / softmax_bwd: argument checks, output
+// allocation, the work plan (tile sizes, backward groups, packed phi/g), at::parallel_for, and
+// the choice of kernel table (AVX2 or portable). The tile kernels are in softmax_kernel_impl.h.
+//
+// Tuning knobs (environment, read at every call; for benchmarks and tests):
+//   NONLOCAL_KERNELS_CPU_GEMM = vec | blas   tile products via the Vectorized panel GEMM
+//                                             (default) or BLAS sgemm_/dgemm_ calls on tiles
+//   NONLOCAL_KERNELS_CPU_ISA  = avx2 | default   force a kernel table (default: best supported)
+//   NONLOCAL_KERNELS_CPU_PACK = 1             blas path: always copy phi/g (contiguous)
+//   NONLOCAL_KERNELS_CPU_BM / _BN             query / key tile rows
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <tuple>
+
+#include "cpu/softmax_cpu.h"
+#include "ops_common.h"
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace nonlocal_kernels::cpu {
+
+bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? std::string() : std::string(v);
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  std::string v = env(name);
+  if (v.empty()) return fallback;
+  char* end = nullptr;
+  long long x = std::strtoll(v.c_str(), &end, 10);
+  TORCH_CHECK(end != nullptr && *end == '\0' && x >= 1, name, ": expected a positive integer, got '",
+              v, "'");
+  return x;
+}
+
+const KernelTable& kernels() {
+  std::string isa = env("NONLOCAL_KERNELS_CPU_ISA");
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "default",
+              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx2' or 'default', got '", isa, "'");
+#if defined(__x86_64__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa != "default" && has_avx2) return kKernelsAVX2;
+  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA");
+#else
+  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: not an x86-64 build");
+#endif
+  return kKernelsDefault;
+}
+
+DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return DType::kFloat64;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, ": expected float64, float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Like new_output, but with the sizes and (dense) strides of `like`, as torch.empty_like: the
+// fake implementation of softmax_bwd returns empty_like(theta) etc.
+at::Tensor new_output_like(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like, at::MemoryFormat::Preserve);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// GEMM path: the Vectorized panel GEMM ("vec", default) or BLAS on tiles ("blas").
+bool use_packed_path() {
+  std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
+  TORCH_CHECK(mode.empty() || mode == "blas" || mode == "vec",
+              "NONLOCAL_KERNELS_CPU_GEMM: expected 'blas' or 'vec', got '", mode, "'");
+  TORCH_CHECK(mode != "blas" || blas_available(),
+              "NONLOCAL_KERNELS_CPU_GEMM=blas: no BLAS sgemm_/dgemm_ is linked in this process");
+  return mode != "blas";
+}
+
+// The calling thread's workspace for the B-panels of phi/g and the backward's partial sums,
+// kept between calls up to 64 MiB (see Arena).
+thread_local Arena call_arena;
+constexpr size_t kCallArenaKeepBytes = size_t(64) << 20;
+
+// B-panels (kernel layout) of the k x n matrices t[b](r, c) with strides (rs, cs).
+struct PanelSpec {
+  const at::Tensor* t;
+  int64_t rs, cs, k, n;
+  double alpha;
+  int64_t per_batch(const KernelTable& kt) const {
+    const int64_t width = kt.panel_width(to_dtype(*t, "input"));
+    return (n + width - 1) / width * width * k;
+  }
+  size_t bytes(const KernelTable& kt) const {
+    const int64_t B = t->size(0), per = per_batch(kt);
+    return t->scalar_type() == at::kDouble ? Arena::bytes_for<double>(B * per)
+                                           : Arena::bytes_for<float>(B * per);
+  }
+};
+
+// Packs every batch of `spec` in parallel over (batch, panel) into arena memory; returns the
+// panels and sets `per_batch`.
+const void* prepare_panels(const PanelSpec& spec, const KernelTable& kt, int64_t& per_batch) {
+  const at::Tensor& t = *spec.t;
+  const DType dt = to_dtype(t, "input");
+  const int64_t width = kt.panel_width(dt);
+  const int64_t np = (spec.n + width - 1) / width, B = t.size(0);
+  per_batch = spec.per_batch(kt);
+  void* dst = t.scalar_type() == at::kDouble
+                  ? static_cast<void*>(call_arena.take<double>(B * per_batch))
+                  : static_cast<void*>(call_arena.take<float>(B * per_batch));
+  const void* src = t.data_ptr();
+  const int64_t bs = t.stride(0), pb = per_batch;
+  at::parallel_for(0, B * np, 1, [&](int64_t i0, int64_t i1) {
+    kt.pack_panels(dt, src, bs, spec.rs, spec.cs, spec.k, spec.n, spec.alpha, dst, pb, i0, i1);
+  });
+  return dst;
+}
+
+// phi or g as the kernels read it (rows x cols per batch, compute type). Read in place when it
+// already is the compute type with a unit stride the tile GEMM can use; otherwise packed into a
+// contiguous (B, rows, cols) buffer kept alive by `holder`.
+MatView prepare_operand(const at::Tensor& t, bool use_blas, const KernelTable& kt,
+                        at::Tensor& holder) {
+  const int64_t B = t.size(0), rows = t.size(1), cols = t.size(2);
+  const int64_t bs = t.stride(0), rs = t.stride(1), cs = t.stride(2);
+  const bool same_type = t.scalar_type() == compute_type(t.scalar_type());
+  const bool row_major = cs == 1 && (rows == 1 || rs >= cols);
+  const bool col_major = rs == 1 && (cols == 1 || cs >= rows);
+  const bool force_pack = env("NONLOCAL_KERNELS_CPU_PACK") == "1";
+  if (same_type && !force_pack && (row_major || (use_blas && col_major)))
+    return MatView{t.data_ptr(), bs, rs, cs};
+  holder = at::empty({B, rows, cols}, t.options().dtype(compute_type(t.scalar_type())));
+  const void* src = t.data_ptr();
+  void* dst = holder.data_ptr();
+  const DType dt = to_dtype(t, "input");
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    kt.pack(dt, src, bs, rs, cs, rows, cols, dst, b0, b1);
+  });
+  return MatView{dst, rows * cols, cols, 1};
+}
+
+// Tiles. Key tiles of BN rows (a multiple of the panel width, 16). Query tiles: about BM0 rows,
+// with their count per batch rounded up to a multiple of `multiple` so that the B * n_qtiles
+// forward tasks and the backward groups divide evenly among the threads.
+void choose_tiles(int64_t N, int64_t M, int64_t multiple, CpuPlan& plan) {
+  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
+  int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
+  bn = (bn + 15) / 16 * 16;
+  plan.BN = std::min(bn, (M + 15) / 16 * 16);
+  int64_t nq = (N + bm0 - 1) / bm0;
+  nq = std::min(N, (nq + multiple - 1) / multiple * multiple);
+  plan.BM = (N + nq - 1) / nq;
+  if (plan.BM > 6) plan.BM = (plan.BM + 5) / 6 * 6;  // whole micro-tiles (6 rows)
+  plan.n_qtiles = (N + plan.BM - 1) / plan.BM;
+}
+
+// Runs `ntasks` tasks on the intra-op threads, handed out dynamically (TaskQueue).
+template <typename F>
+void run_tasks(int64_t ntasks, const F& worker) {
+  TaskQueue queue(ntasks);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(ntasks, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+}
+
+// Threads per batch that the tasks of one batch should feed: T / gcd(B, T).
+int64_t split_per_batch(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return threads / std::gcd(B, threads);
+}
+
+void fill_common(NonlocalSoftmaxParams& p, const at::Tensor& theta, const at::Tensor& phi,
+                 const at::Tensor& g, double scale) {
+  std::memset(&p, 0, sizeof(p));
+  p.B = theta.size(0);
+  p.N = theta.size(1);
+  p.M = phi.size(1);
+  p.dk = theta.size(2);
+  p.dv = g.size(2);
+  p.scale = static_cast<float>(scale);
+  p.theta = theta.data_ptr();
+  p.phi = phi.data_ptr();
+  p.g = g.data_ptr();
+  set_strides3(p.theta_stride, theta);
+  set_strides3(p.phi_stride, phi);
+  set_strides3(p.g_stride, g);
+}
+
+void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
+  check_softmax_inputs(theta, phi, g);
+  TORCH_CHECK(theta.device().is_cpu(), "theta: expected a CPU tensor, got ", theta.device());
+  to_dtype(theta, "theta");
+  TORCH_CHECK(phi.size(1) >= 1, "phi: M (number of key positions) must be >= 1, got phi ",
+              phi.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                   const at::Tensor& g, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
+  at::Tensor y = new_output({B, N, dv}, theta.options());
+  at::Tensor lse = new_output({B, N}, theta.options().dtype(lse_dtype(theta.scalar_type())));
+  if (B == 0 || N == 0) return {y, lse};
+
+  NonlocalSoftmaxParams p;
+  fill_common(p, theta, phi, g, scale);
+  p.y = y.data_ptr();
+  p.lse = lse.data_ptr();
+  set_strides3(p.y_stride, y);
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+
+  const KernelTable& kt = kernels();
+  CpuPlan plan{};
+  plan.dtype = to_dtype(theta, "theta");
+  plan.scale = scale;
+  plan.packed = use_packed_path();
+  plan.use_blas = !plan.packed;
+  choose_tiles(p.N, p.M, split_per_batch(B), plan);
+  at::Tensor k_hold, v_hold;
+  if (plan.packed) {
+    const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
+    const PanelSpec v_spec{&g, g.stride(1), g.stride(2), p.M, p.dv, 1.0};
+    call_arena.reserve(kt_spec.bytes(kt) + v_spec.bytes(kt));
+    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    plan.vp = prepare_panels(v_spec, kt, plan.v_bs);
+  } else {
+    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  }
+  run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
+  call_arena.trim(kCallArenaKeepBytes);
+  return {y, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
+                dv = g.size(2);
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N && dy.size(2) == dv,
+              "dy: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", dy.sizes());
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == B && y.size(1) == N && y.size(2) == dv,
+              "y: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", y.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == N,
+              "lse: expected (B, N) = (", B, ", ", N, "), got ", lse.sizes());
+  TORCH_CHECK(dy.scalar_type() == theta.scalar_type() && y.scalar_type() == theta.scalar_type(),
+              "dy, y: expected dtype ", theta.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(theta.scalar_type()), "lse: expected dtype ",
+              lse_dtype(theta.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK(dy.device().is_cpu() && y.device().is_cpu() && lse.device().is_cpu(),
+              "dy, y, lse: expected CPU tensors");
+
+  at::Tensor dtheta = new_output_like(theta);
+  at::Tensor dphi = new_output_like(phi);
+  at::Tensor dg = new_output_like(g);
+  if (B == 0) return {dtheta, dphi, dg};
+  if (N == 0) {  // no query rows: nothing flows to phi or g
+    dphi.zero_();
+    dg.zero_();
+    return {dtheta, dphi, dg};
+  }
+
+  NonlocalSoftmaxParams p;
+  fill_common(p, theta, phi, g, scale);
+  p.y = const_cast<void*>(y.data_ptr());
+  p.lse = const_cast<void*>(lse.data_ptr());
+  set_strides3(p.y_stride, y);
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+  p.dy = dy.data_ptr();
+  set_strides3(p.dy_stride, dy);
+  p.dtheta = dtheta.data_ptr();
+  p.dphi = dphi.data_ptr();
+  p.dg = dg.data_ptr();
+  set_strides3(p.dtheta_stride, dtheta);
+  set_strides3(p.dphi_stride, dphi);
+  set_strides3(p.dg_stride, dg);
+
+  const KernelTable& kt = kernels();
+  CpuPlan plan{};
+  plan.dtype = to_dtype(theta, "theta");
+  plan.scale = scale;
+  plan.packed = use_packed_path();
+  plan.use_blas = !plan.packed;
+
+  // Query-tile groups per batch, each with its own partial dphi/dg (M x (dk + dv)): about two
+  // tasks (B * G) per thread, so that the dynamic scheduling can even out a slow thread, while
+  // all partial sums together stay under 256 MiB. The result depends on G, hence on the thread
+  // count, but is bit-identical run to run.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t G = std::max<int64_t>(1, (2 * threads + B - 1) / B);
+  if (G > 1) G = (G + 1) / 2 * 2;
+  const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
+  const int64_t per_group = B * M * (dk + dv) * esize;
+  while (G > 1 && G * per_group > (int64_t(256) << 20)) --G;
+  choose_tiles(N, M, G, plan);
+  G = std::max<int64_t>(1, std::min(G, plan.n_qtiles));
+  plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
+  plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
+
+  at::Tensor k_hold, v_hold;
+  const int64_t partial_n = B * plan.groups * M * (dk + dv);
+  const size_t partial_bytes = theta.scalar_type() == at::kDouble
+                                   ? Arena::bytes_for<double>(partial_n)
+                                   : Arena::bytes_for<float>(partial_n);
+  if (plan.packed) {
+    const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
+    const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
+    const PanelSpec vt_spec{&g, g.stride(2), g.stride(1), dv, M, 1.0};
+    call_arena.reserve(kt_spec.bytes(kt) + k_spec.bytes(kt) + vt_spec.bytes(kt) + partial_bytes);
+    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    plan.kp = prepare_panels(k_spec, kt, plan.k_bs);
+    plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
+  } else {
+    call_arena.reserve(partial_bytes);
+    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
+    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+  }
+  plan.partial = theta.scalar_type() == at::kDouble
+                     ? static_cast<void*>(call_arena.take<double>(partial_n))
+                     : static_cast<void*>(call_arena.take<float>(partial_n));
+  p.workspace = plan.partial;
+
+  run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
+  at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
+  call_arena.trim(kCallArenaKeepBytes);
+  return {dtheta, dphi, dg};
+}
+
+}  // namespace
+}  // namespace nonlocal_kernels::cpu
+
+TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {
+  m.impl("softmax_fwd", &nonlocal_kernels::cpu::softmax_fwd_cpu);
+  m.impl("softmax_bwd", &nonlocal_kernels::cpu::softmax_bwd_cpu);
+}

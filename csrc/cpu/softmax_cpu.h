@@ -1,0 +1,146 @@
+// CPU kernels of the softmax family (DESIGN.md section 4): the interface between the op
+// registration (softmax_cpu.cpp: checks, allocation, at::parallel_for) and the tile kernels,
+// which are compiled once per instruction set (softmax_kernel_avx2.cpp with AVX2+FMA on x86-64,
+// softmax_kernel_default.cpp for any CPU) from softmax_kernel_impl.h and picked at run time.
+//
+// Work split (both passes are deterministic: no atomics, every sum has a fixed order):
+// - forward: one task per (batch, tile of BM query rows); it streams over key tiles of BN rows
+//   with the online softmax, so each output row is produced by exactly one task.
+// - backward: one task per (batch, group of consecutive query tiles). A task recomputes
+//   P = exp(S - lse) per (query tile, key tile) and accumulates dtheta for its own rows, and
+//   dphi/dg into its group's private fp32 partial sums (B, G, M, dk + dv); a second parallel
+//   pass adds the G partials in group order. G >= 2 only when B alone cannot feed every thread.
+#pragma once
+
+#include <stdint.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+#include "params.h"
+
+namespace nonlocal_kernels::cpu {
+
+enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A matrix of the compute type (float, or double for float64 inputs) read through its strides:
+// element (batch b, row r, column c) is at ptr[b * bs + r * rs + c * cs].
+struct MatView {
+  const void* ptr;
+  int64_t bs, rs, cs;
+};
+
+struct CpuPlan {
+  DType dtype;
+  double scale;         // the op's scale in full precision (NonlocalSoftmaxParams::scale is float)
+  int64_t BM, BN;       // query / key tile rows (BN a multiple of the panel width)
+  int64_t n_qtiles;     // ceil(N / BM)
+  int64_t groups;       // backward: query-tile groups per batch (partial dphi/dg sums)
+  int64_t tiles_per_group;
+  // true: the Vectorized panel GEMM on phi/g packed once per call into panels (kt, kp, vp,
+  // vtp below); false: BLAS sgemm_/dgemm_ on tiles of phi/g read through k and v.
+  bool packed;
+  bool use_blas;        // BLAS path only (false: its views go through the panel GEMM)
+  MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
+  // Packed path: B-panels per batch (compute type) of scale * phi^T (dk x M; fwd+bwd), phi
+  // (M x dk; bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.
+  const void *kt, *kp, *vp, *vtp;
+  int64_t kt_bs, k_bs, v_bs, vt_bs;
+  // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
+  void* partial;
+};
+
+// Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):
+// buffers that came fresh from the OS at every call would cost a page fault and a page clear per
+// 4 KiB, several percent of a call at the benchmark shapes. Slices are 64-byte aligned.
+class Arena {
+ public:
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() { std::free(base_); }
+
+  template <typename T>
+  static size_t bytes_for(int64_t count) {
+    return (static_cast<size_t>(count < 1 ? 1 : count) * sizeof(T) + 63) / 64 * 64;
+  }
+  // Room for `bytes` (the sum of bytes_for of every slice); carving restarts at the beginning.
+  void reserve(size_t bytes) {
+    if (bytes > cap_) {
+      std::free(base_);
+      base_ = static_cast<char*>(std::aligned_alloc(64, bytes));
+      if (base_ == nullptr) {
+        cap_ = 0;
+        throw std::bad_alloc();
+      }
+      cap_ = bytes;
+    }
+    used_ = 0;
+  }
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += bytes_for<T>(count);
+    if (used_ > cap_) throw std::logic_error("nonlocal_kernels: CPU scratch arena overrun");
+    return p;
+  }
+  // Frees the memory when more than `keep` bytes are held.
+  void trim(size_t keep) {
+    if (cap_ > keep) {
+      std::free(base_);
+      base_ = nullptr;
+      cap_ = 0;
+    }
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t cap_ = 0, used_ = 0;
+};
+
+// Tasks handed out one at a time to the workers of a parallel region (dynamic scheduling: a
+// thread slowed down by another process does not hold the others up). Which thread runs a task
+// never changes its result: tasks own their outputs and every sum has a fixed order.
+struct TaskQueue {
+  explicit TaskQueue(int64_t n) : total(n) {}
+  bool next(int64_t& task) {
+    task = counter.fetch_add(1, std::memory_order_relaxed);
+    return task < total;
+  }
+  std::atomic<int64_t> counter{0};
+  const int64_t total;
+};
+
+struct KernelTable {
+  const char* name;
+  // Columns per B-panel for this dtype's compute type (BN must be a multiple of it).
+  int64_t (*panel_width)(DType dtype);
+  // Copy rows x cols (per batch, batches b0..b1) of a strided input of `dtype` into a
+  // contiguous buffer of the compute type.
+  void (*pack)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs, int64_t rows,
+               int64_t cols, void* dst, int64_t b0, int64_t b1);
+  // B-panels of the k x n matrices alpha * src[b](r, c), src[b](r, c) = src[b * bs + r * rs +
+  // c * cs], into dst (dst_bs elements per batch), items item0..item1 of (batch, panel) pairs.
+  void (*pack_panels)(DType dtype, const void* src, int64_t bs, int64_t rs, int64_t cs,
+                      int64_t k, int64_t n, double alpha, void* dst, int64_t dst_bs,
+                      int64_t item0, int64_t item1);
+  // Run tasks from the queue until it is empty (one call per worker thread).
+  void (*forward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);
+  void (*backward)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks);
+  // dphi/dg rows [row_begin, row_end) of the flattened (B * M) rows from the partial sums.
+  void (*reduce)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t row_begin,
+                 int64_t row_end);
+};
+
+// Defined by softmax_kernel_default.cpp (always) and softmax_kernel_avx2.cpp (x86-64 only).
+extern const KernelTable kKernelsDefault;
+#if defined(__x86_64__)
+extern const KernelTable kKernelsAVX2;
+#endif
+
+// Whether a BLAS sgemm_/dgemm_ is linked into this process (torch's MKL/OpenBLAS).
+bool blas_available();
+
+}  // namespace nonlocal_kernels::cpu

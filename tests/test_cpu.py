@@ -1,0 +1,239 @@
+"""Backend ``cpu``: the fused tiled C++ kernel (csrc/cpu/) against the float64 oracle.
+
+Both GEMM paths (the Vectorized panel GEMM, default, and BLAS on tiles) and both kernel builds
+(AVX2 and the portable one) are selected through NONLOCAL_KERNELS_CPU_* (read at every call);
+tiny tiles (NONLOCAL_KERNELS_CPU_BM/BN) make small inputs span many ragged query and key tiles,
+so the online-softmax rescaling and the backward's per-group partial sums all run.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from nonlocal_kernels import NonLocal2d, nonlocal_attention, ops
+from nonlocal_kernels.backends import registry
+from nonlocal_kernels.testing import assert_all_ok, compare_with_oracle, make_inputs
+
+pytestmark = pytest.mark.skipif(
+    ops.extension_unavailable_reason() is not None or ops.kernel_unavailable_reason("CPU"),
+    reason="nonlocal_kernels._C with CPU kernels is not built")
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_first", "strided"]
+HAS_AVX2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+# (GEMM path, kernel build) variants; the first is what users get on this machine.
+VARIANTS = [("vec", None), ("blas", None), ("vec", "default"), ("blas", "default")]
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    gemm, isa = request.param
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", gemm)
+    if isa is not None:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
+    return request.param
+
+
+def small_tiles(monkeypatch, bm=7, bn=5):
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_BM", str(bm))
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_BN", str(bn))  # rounded up to 16 key rows
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_oracle_every_dtype_and_layout(variant, dtype, layout, monkeypatch):
+    small_tiles(monkeypatch)
+    # Ragged: N, M not multiples of the tiles, dk != dv, odd head dims.
+    theta, phi, g = make_inputs(2, 45, 37, 19, 11, dtype=dtype, layout=layout)
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.37,
+                                      return_lse=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48),
+                                   (1, 64, 700, 2, 3)])
+def test_default_tiles_ragged_sizes(dtype, shape):
+    """Default tile sizes: several key tiles of 256 rows with a ragged last one."""
+    theta, phi, g = make_inputs(*shape, dtype=dtype, layout="channels_first")
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2, 3, 2), (1, 1, 3, 1, 1), (3, 2, 5, 1, 4)])
+def test_tiny_shapes_float64(shape):
+    """A handful of output elements: float64 only, where the rule's reference error is not a
+    lottery over a few low-precision roundings."""
+    theta, phi, g = make_inputs(*shape, dtype=torch.float64)
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.8, return_lse=True))
+
+
+def test_single_key_position():
+    """M = 1: y = g exactly, and theta/phi get no gradient (zero up to rounding: the oracle's
+    exact zeros leave the tolerance rule no room, so this case is checked on its own)."""
+    theta, phi, g = (t.detach().requires_grad_() for t in
+                     make_inputs(3, 10, 1, 4, 5, dtype=torch.float64))
+    y, lse = nonlocal_attention(theta, phi, g, scale=0.9, backend="cpu", return_lse=True)
+    assert torch.equal(y, g.detach().expand(3, 10, 5))
+    torch.testing.assert_close(lse, 0.9 * (theta @ phi.transpose(1, 2)).squeeze(-1))
+    dy = torch.randn_like(y)
+    dtheta, dphi, dg = torch.autograd.grad(y, (theta, phi, g), dy)
+    assert dtheta.abs().max() < 1e-12 and dphi.abs().max() < 1e-12
+    torch.testing.assert_close(dg, dy.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True, ids=lambda v: v[0])
+@pytest.mark.parametrize("dk,dv", [(1024, 3), (3, 1024), (2053, 2), (2, 2053)])
+def test_large_head_dims(variant, dk, dv):
+    theta, phi, g = make_inputs(2, 23, 29, dk, dv, dtype=torch.float32, layout="channels_first")
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=dk ** -0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_head_dims_low_precision_and_many_tiles(dtype, monkeypatch):
+    small_tiles(monkeypatch, bm=13, bn=16)
+    theta, phi, g = make_inputs(1, 40, 50, 1030, 260, dtype=dtype, layout="strided")
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.03,
+                                      return_lse=True))
+
+
+def test_gradient_through_lse_only(monkeypatch):
+    small_tiles(monkeypatch)
+    theta, phi, g = (t.detach().requires_grad_() for t in
+                     make_inputs(2, 20, 18, 6, 5, dtype=torch.float64))
+    _, lse = nonlocal_attention(theta, phi, g, scale=0.5, backend="cpu", return_lse=True)
+    _, lse_ref = nonlocal_attention(theta, phi, g, scale=0.5, backend="reference",
+                                    return_lse=True)
+    w = torch.randn_like(lse)
+    got = torch.autograd.grad((lse * w).sum(), (theta, phi, g))
+    want = torch.autograd.grad((lse_ref * w).sum(), (theta, phi), allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got[2].abs().max() == 0  # lse does not depend on g
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_zero_columns_of_g_and_gradient_into_y_and_lse(dtype, monkeypatch):
+    """The backward takes D from its own P and dP, except for all-zero columns of g, whose share
+    dy * y comes from y as given (how a gradient into lse reaches the kernel): real zero columns
+    of g, with gradients flowing into both y and lse, several key tiles."""
+    small_tiles(monkeypatch)
+    theta, phi, g = make_inputs(2, 30, 40, 6, 7, dtype=dtype, layout="contiguous")
+    g[..., 2] = 0
+    g[1, :, 5] = 0  # zero in one batch only
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.6,
+                                      return_lse=True))
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True, ids=lambda v: v[0])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
+def test_gradcheck_float64(variant, layout, monkeypatch):
+    small_tiles(monkeypatch, bm=4, bn=3)
+    theta, phi, g = (t.detach().requires_grad_() for t in
+                     make_inputs(2, 9, 19, 3, 4, dtype=torch.float64, layout=layout))
+
+    def fn(t, p, gg):
+        y, lse = nonlocal_attention(t, p, gg, scale=0.7, backend="cpu", return_lse=True)
+        return y, lse
+
+    assert torch.autograd.gradcheck(fn, (theta, phi, g), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck_both_ops():
+    theta, phi, g = make_inputs(2, 13, 11, 5, 3, dtype=torch.float32, layout="channels_first")
+    torch.library.opcheck(torch.ops.nonlocal_kernels.softmax_fwd.default, (theta, phi, g, 0.4))
+    y, lse = torch.ops.nonlocal_kernels.softmax_fwd(theta, phi, g, 0.4)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.nonlocal_kernels.softmax_bwd.default,
+                          (dy, theta, phi, g, y, lse, 0.4))
+    theta, phi, g = make_inputs(1, 6, 4, 3, 2, dtype=torch.bfloat16, layout="strided")
+    torch.library.opcheck(torch.ops.nonlocal_kernels.softmax_fwd.default, (theta, phi, g, 1.0))
+
+
+def test_torch_compile_nonlocal2d_forward_backward():
+    torch._dynamo.reset()
+    block = NonLocal2d(8, backend="cpu", zeros_init=False, sub_sample=True)
+    ref = NonLocal2d(8, backend="reference", zeros_init=False, sub_sample=True)
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    out_ref = ref(x_ref)
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), p_ref in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True, ids=lambda v: v[0])
+def test_backward_is_deterministic(variant):
+    # B = 1: on two or more threads the backward splits the query tiles into groups with
+    # partial dphi/dg sums; their reduction order is fixed.
+    theta, phi, g = (t.detach().requires_grad_() for t in
+                     make_inputs(1, 700, 300, 24, 20, dtype=torch.float32))
+    dy = torch.randn(1, 700, 20)
+    grads = []
+    for _ in range(2):
+        y = nonlocal_attention(theta, phi, g, scale=0.2, backend="cpu")
+        grads.append(torch.autograd.grad(y, (theta, phi, g), dy))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_cpu_for_cpu_tensors_of_the_softmax_family():
+    theta, phi, g = make_inputs(1, 5, 4, 3, 2)
+    for mode in registry.SOFTMAX_MODES:
+        assert registry.select("auto", theta, phi, g, mode).name == "cpu"
+    assert registry.select("auto", theta, phi, g, "dot_product").name != "cpu"
+    info = {b["name"]: b for b in registry.available_backends()}["cpu"]
+    assert info["available"] and info["priority"] == 50 and info["devices"] == ["cpu"]
+
+
+def test_direct_op_calls_check_their_arguments():
+    theta, phi, g = make_inputs(2, 5, 4, 3, 2)
+    op = torch.ops.nonlocal_kernels
+    with pytest.raises(RuntimeError, match="phi: M"):
+        op.softmax_fwd(theta, phi[:, :0], g[:, :0], 1.0)
+    with pytest.raises(RuntimeError, match="g: expected"):
+        op.softmax_fwd(theta, phi, g[:, :3], 1.0)
+    y, lse = op.softmax_fwd(theta, phi, g, 1.0)
+    with pytest.raises(RuntimeError, match="lse: expected dtype"):
+        op.softmax_bwd(y, theta, phi, g, y, lse.double(), 1.0)
+    with pytest.raises(RuntimeError, match="dy: expected"):
+        op.softmax_bwd(y[:, :4], theta, phi, g, y, lse, 1.0)
+
+
+def test_bad_tuning_environment_is_reported(monkeypatch):
+    theta, phi, g = make_inputs(1, 5, 4, 3, 2)
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", "fast")
+    with pytest.raises(RuntimeError, match="NONLOCAL_KERNELS_CPU_GEMM"):
+        nonlocal_attention(theta, phi, g, backend="cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ru_maxrss (Linux)")
+def test_memory_does_not_grow_with_n_times_m():
+    """Forward + backward at N = 16000, M = 4000: one N x M float32 matrix is 256 MB; the kernel's
+    peak RSS growth must stay far below that (inputs, outputs and gradients are ~2.5 MB)."""
+    code = textwrap.dedent("""
+        import resource, torch, nonlocal_kernels as nk
+        from nonlocal_kernels.testing import make_inputs
+        t, p, g = (x.detach().requires_grad_() for x in make_inputs(1, 16, 16, 8, 8))
+        nk.nonlocal_attention(t, p, g, backend="cpu").sum().backward()  # warm-up
+        t, p, g = (x.detach().requires_grad_() for x in make_inputs(1, 16000, 4000, 8, 8))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        nk.nonlocal_attention(t, p, g, backend="cpu").sum().backward()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 64, f"peak RSS grew by {growth_mb} MB"
