@@ -444,11 +444,82 @@ class _ConcatSorted(torch.autograd.Function):
         return dtheta, dphi, dg, dw
 
 
+class _ConcatSortedCompiled(torch.autograd.Function):
+    """The same algorithm with the key prefix sums, binary search and output rows (forward) and
+    da, the bins, their suffix sums, dg and db (backward) each fused into one C++ CPU kernel
+    (csrc/fast/concat_sorted.cpp); the projections and their gradients stay PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx, theta, phi, g, w):
+        dk = theta.shape[2]
+        dtype, cdt = theta.dtype, _compute_dtype(theta.dtype)
+        wc = w.to(cdt)
+        a = _project(theta, wc[:dk]).contiguous()  # (B, N)
+        neg_b_sorted, perm_b = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
+        y, P, k = torch.ops.nonlocal_kernels.concat_sorted_fwd(a, neg_b_sorted, perm_b,
+                                                               g.to(cdt))
+        ctx.save_for_backward(theta, phi, g, w, a, neg_b_sorted, perm_b, k, P)
+        return y.to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        theta, phi, g, w, a, neg_b_sorted, perm_b, k, P = ctx.saved_tensors
+        B, N, dk = theta.shape
+        cdt = a.dtype
+        need_t, need_p, need_g, need_w = ctx.needs_input_grad
+        wc = w.to(cdt)
+        dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
+        da, dg, db = torch.ops.nonlocal_kernels.concat_sorted_bwd(dy, a, k, P, neg_b_sorted,
+                                                                  perm_b, g.to(cdt))
+        dtheta = dphi = dw = None
+        if need_t:
+            dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
+            torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
+        if need_p:
+            dphi = torch.empty_like(phi)
+            torch.mul(db.unsqueeze(-1), wc[dk:], out=dphi)
+        if need_w:
+            dw = torch.cat([_weight_grad(da, theta), _weight_grad(db, phi)]).to(w.dtype)
+        return dtheta, dphi, dg.to(g.dtype) if need_g else None, dw
+
+
+_use_compiled_concat = True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_concat_built() -> bool:
+    from .. import ops
+    names = [f"{ops.NAMESPACE}::concat_sorted_{s}" for s in ("fwd", "bwd")]
+    return ops._C is not None and all(
+        ops._op_exists(n) and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")
+        for n in names)
+
+
+def compiled_concat_available(device: torch.device) -> bool:
+    """Whether concatenation on this device runs the fused C++ kernels (CPU, extension built,
+    not switched off by :func:`use_compiled_concat`)."""
+    return _use_compiled_concat and device.type == "cpu" and _compiled_concat_built()
+
+
+@contextlib.contextmanager
+def use_compiled_concat(enabled: bool) -> Iterator[None]:
+    """Switch the fused C++ concatenation kernels off (False) or back on (tests, benchmarks);
+    off, CPU calls run the pure-PyTorch version of the same algorithm."""
+    global _use_compiled_concat
+    outer, _use_compiled_concat = _use_compiled_concat, bool(enabled)
+    try:
+        yield
+    finally:
+        _use_compiled_concat = outer
+
+
 def concatenation(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
                   concat_weight: torch.Tensor) -> torch.Tensor:
     """(1/M) sum_j ReLU(theta_i.w_theta + phi_j.w_phi) g_j by sorting; O((N+M)·d) memory."""
     _note("concatenation", "sorted")
-    return _ConcatSorted.apply(theta, phi, g, concat_weight)
+    fn = _ConcatSortedCompiled if compiled_concat_available(theta.device) else _ConcatSorted
+    return fn.apply(theta, phi, g, concat_weight)
 
 
 # ---------------------------------------------------------------------------------------------
