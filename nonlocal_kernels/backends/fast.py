@@ -16,21 +16,30 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
   query i reaches exactly the keys with -b_j < a_i, i.e. the k_i keys of largest b, where
   k_i = searchsorted(sort(-b), a_i) (strict "<": a pair with a_i + b_j exactly 0 contributes
   nothing and gets ReLU's gradient 0, as in PyTorch; ties in a or b need nothing special).
-  With prefix sums P_g, P_bg of g/M and b·g/M over the keys by decreasing b,
-      y_i = P_bg[k_i] + a_i · P_g[k_i]        (one embedding_bag over P's rows).
-  Backward, the symmetric sort over a: key j of ascending rank s is reached by the queries with
-  k_i >= M - s, i.e. those of largest a. Sorting the queries by k (= by a) makes each value of
-  k a contiguous bag; one embedding_bag sums dy_i and a_i·dy_i per bag, prefix sums over the
-  bags give S_dy(j) and S_ady(j), and
-      dg_j = (b_j · S_dy(j) + S_ady(j)) / M,   db_j = g_j · S_dy(j) / M,   da_i = dy_i · P_g[k_i],
+  With prefix sums P_g, P_bg of g and b·g over the keys by decreasing b,
+      y_i = (P_bg[k_i] + a_i · P_g[k_i]) / M   (one embedding_bag over P's rows, 1/M and a_i
+                                               on its per-sample weights).
+  Backward: the key of descending-b rank d is reached by the queries with k_i > d. Sorting the
+  queries by k makes each value of k a contiguous bag; one embedding_bag sums dy_i/M and
+  a_i·dy_i/M per bag, suffix sums over the bags give S_dy(d) and S_ady(d), and
+      dg_j = b_j · S_dy(j) + S_ady(j),   db_j = g_j · S_dy(j),   da_i = dy_i · P_g[k_i] / M,
       dtheta = da w_theta^T, dphi = db w_phi^T, dw = [sum_i da_i theta_i, sum_j db_j phi_j].
+  da is embedding_bag's per-sample-weight gradient (gather and dot in one pass, no N x dv
+  scratch); dg and db are formed in sorted key order and un-sorted with one gather.
   O((N+M)·(log + d)) time, O((N+M)·d) memory; deterministic (no atomics, no scatters).
-  CPU prefix sums are blocked triangular products (torch.cumsum along a non-last dim is
+  CPU prefix/suffix sums are blocked triangular products (torch.cumsum along a non-last dim is
   several times slower here); CUDA uses torch.cumsum.
 
+  On CPU, when nonlocal_kernels._C is built, two fused C++ kernels (csrc/fast/concat_sorted.cpp)
+  replace these op chains: forward = prefix sums (in float64) + binary search + output rows;
+  backward = da + per-k bins + suffix sums (in float64) + dg + db; the projections and their
+  gradients stay PyTorch ops. On this 2-core dev VM they take I3D res3 forward+backward from
+  about 8 ms to about 4-5 ms (benchmarks/results/fast-paths-2026-11-24.md).
+  :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
+
 Precision: a, b and every sum are computed in float32 from float16/bfloat16 inputs (float64 for
-float64 inputs) and the results are rounded to the input dtype at the end. The one N x dv
-scratch gather (da) runs in row chunks that bound it at long-video sizes.
+float64 inputs) and the results are rounded to the input dtype at the end. The pure-PyTorch da
+runs in row chunks (which bound per-call temporaries at long-video sizes).
 
 Debug hook: :func:`last_path` / :func:`record_paths` say which path a call took ("reordered",
 "naive" or "sorted"); :func:`force_dot_product_path` overrides the cost model (tests,
