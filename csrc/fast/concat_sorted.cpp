@@ -25,6 +25,15 @@ namespace {
 
 constexpr int64_t kTile = 16;  // feature columns per tile of the per-key loops
 constexpr int kLanes = 8;      // independent partial sums of a dot product (vectorisable)
+// A loop runs on several threads only when each thread gets at least this many elements of
+// work: below it (I3D res3's ~1 ms loops) a thread hand-off costs more than it saves, and on a
+// shared machine a parallel region waits for a descheduled thread (milliseconds).
+constexpr int64_t kParallelWork = int64_t(1) << 20;
+
+// Grain (in loop iterations) for a loop whose iterations each touch `per_item` elements.
+inline int64_t grain_for(int64_t per_item, int64_t at_least = 1) {
+  return std::max(at_least, kParallelWork / std::max<int64_t>(1, per_item));
+}
 
 // sum_d x[d] * y[d] with kLanes interleaved partial sums in acc_t.
 template <typename acc_t, typename scalar_t>
@@ -77,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
       const scalar_t* nb = nbp + bi * M;
       const int64_t* pr = pp + bi * M;
       scalar_t* Pb = Pp + bi * (M + 1) * 2 * dv;
-      at::parallel_for(0, dv, kTile, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, dv, grain_for(M, kTile), [&](int64_t c0, int64_t c1) {
         double sg[kTile], sbg[kTile];
         for (int64_t d0 = c0; d0 < c1; d0 += kTile) {  // tiles of columns: the strided reads
           const int64_t w = std::min(kTile, c1 - d0);    // of a channels-first g stay in cache
@@ -101,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
       });
       // Binary search and the output rows, split over queries.
       const scalar_t* ab = ap + bi * N;
-      at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const scalar_t ai = ab[i];
           const int64_t ki = std::lower_bound(nb, nb + M, ai) - nb;  // #{r : nb[r] < ai}
@@ -154,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
       const scalar_t* ab = ap + bi * N;
       const scalar_t* dyb = dyp + bi * N * dv;
       // da_i = dy_i . P_g[k_i] / M, split over queries.
-      at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const scalar_t* Pg = Pb + kb[i] * 2 * dv;
           const scalar_t* dyi = dyb + i * dv;
@@ -167,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
       const int64_t* pr = pp + bi * M;
       const int64_t nchunks = (dv + kTile - 1) / kTile;
       std::vector<double> dbpart(nchunks * M);  // per-tile partial dot products g_j . S_dy
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, nchunks, grain_for(N * kTile), [&](int64_t c0, int64_t c1) {
         std::vector<double> H((M + 1) * 2 * kTile);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t d0 = c * kTile, w = std::min(kTile, dv - d0);
