@@ -7,11 +7,12 @@
 //   k[b, i] = #{r : neg_b_sorted[b, r] < a[b, i]}  (strict: a pair with a + b == 0 is out),
 //   P[b, r, 0] = sum_{r' < r} g[b, perm[r']], P[b, r, 1] = the same for b * g (sums in double),
 //   y[b, i] = (P[b, k_i, 1] + a_i P[b, k_i, 0]) / M.
-// concat_sorted_bwd(dy, a, k, P, neg_b_sorted, perm, g) -> (da, dg, db)
-//   dy (B, N, dv) contiguous, the rest as saved by the forward.
+// concat_sorted_bwd(dy, a, k, P, neg_b_sorted, perm, g, theta, phi, w) -> (dtheta, dphi, dg, dw)
+//   dy (B, N, dv) contiguous, the rest as saved by the forward; theta, phi, w of a's dtype.
 //   da_i = dy_i . P[k_i, 0] / M; key of descending rank d (j = perm[d]) receives the queries
 //   with k_i > d: dg_j = (b_j S_dy + S_ady) / M, db_j = g_j . S_dy / M with S the suffix sums
-//   over the per-k bins of dy and a * dy (bins and suffix sums in double).
+//   over the per-k bins of dy and a * dy (bins and suffix sums in double); then
+//   dtheta = da w_theta^T, dphi = db w_phi^T, dw = [sum_i da_i theta_i, sum_j db_j phi_j].
 // Every loop is deterministic: parallel loops split rows (da, y) or feature columns (bins).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,6 +47,52 @@ inline acc_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
   for (; d < n; ++d) s += acc_t(x[d]) * acc_t(y[d]);
   for (int l = 0; l < kLanes; ++l) s += lane[l];
   return s;
+}
+
+// For x (B, L, dk) any strides, d (B, L) contiguous and w (dk,) contiguous:
+//   dx[b, l, c] = d[b, l] * w[c] (dx laid out like x) and wgrad[c] = sum_{b,l} d[b, l] x[b, l, c]
+// (in double). The loops run along x's smaller stride.
+template <typename scalar_t>
+void projection_grads(const at::Tensor& x, const scalar_t* d, const scalar_t* w, at::Tensor& dx,
+                      scalar_t* wgrad) {
+  const int64_t B = x.size(0), L = x.size(1), dk = x.size(2);
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
+  const int64_t os0 = dx.stride(0), os1 = dx.stride(1), os2 = dx.stride(2);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = dx.mutable_data_ptr<scalar_t>();
+  if (xs1 <= xs2) {  // channels-first: each feature column c is a run over l
+    at::parallel_for(0, dk, grain_for(B * L), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* xc = xp + b * xs0 + c * xs2;
+          scalar_t* oc = op + b * os0 + c * os2;
+          const scalar_t* db = d + b * L;
+          double lane[4] = {};
+          for (int64_t l = 0; l < L; ++l) {
+            oc[l * os1] = db[l] * w[c];
+            lane[l & 3] += double(db[l]) * double(xc[l * xs1]);
+          }
+          acc += (lane[0] + lane[1]) + (lane[2] + lane[3]);
+        }
+        wgrad[c] = scalar_t(acc);
+      }
+    });
+  } else {  // rows: each (b, l) is a run over c
+    std::vector<double> acc(dk, 0.0);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t l = 0; l < L; ++l) {
+        const scalar_t* xr = xp + b * xs0 + l * xs1;
+        scalar_t* orow = op + b * os0 + l * os1;
+        const scalar_t dl = d[b * L + l];
+        for (int64_t c = 0; c < dk; ++c) {
+          orow[c * os2] = dl * w[c];
+          acc[c] += double(dl) * double(xr[c * xs2]);
+        }
+      }
+    }
+    for (int64_t c = 0; c < dk; ++c) wgrad[c] = scalar_t(acc[c]);
+  }
 }
 
 void check_common(const at::Tensor& a, const at::Tensor& neg_b_sorted, const at::Tensor& perm,
@@ -127,9 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
   return {y, P, k};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& a, const at::Tensor& k, const at::Tensor& P,
-    const at::Tensor& neg_b_sorted, const at::Tensor& perm, const at::Tensor& g) {
+    const at::Tensor& neg_b_sorted, const at::Tensor& perm, const at::Tensor& g,
+    const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& w) {
   check_common(a, neg_b_sorted, perm, g);
   const int64_t B = a.size(0), N = a.size(1), M = g.size(1), dv = g.size(2);
   TORCH_CHECK(dy.is_contiguous() && dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N &&
@@ -140,6 +188,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
   TORCH_CHECK(P.is_contiguous() && P.dim() == 4 && P.size(0) == B && P.size(1) == M + 1 &&
                   P.size(2) == 2 && P.size(3) == dv && P.scalar_type() == a.scalar_type(),
               "concat_sorted_bwd: P must be contiguous (B, M + 1, 2, dv) of a's dtype");
+  const int64_t dk = theta.size(2);
+  TORCH_CHECK(theta.dim() == 3 && phi.dim() == 3 && theta.size(0) == B && theta.size(1) == N &&
+                  phi.size(0) == B && phi.size(1) == M && phi.size(2) == dk &&
+                  w.is_contiguous() && w.dim() == 1 && w.size(0) == 2 * dk &&
+                  theta.scalar_type() == a.scalar_type() &&
+                  phi.scalar_type() == a.scalar_type() && w.scalar_type() == a.scalar_type(),
+              "concat_sorted_bwd: theta (B, N, dk), phi (B, M, dk), w (2 dk,) of a's dtype");
+  auto dtheta = at::empty_like(theta);  // the inputs' strides: no layout copy in autograd
+  auto dphi = at::empty_like(phi);
+  auto dw = at::empty({2 * dk}, a.options());
   auto da = at::empty({B, N}, a.options());
   auto dg = at::empty_like(g);  // g's strides (channels-first stays channels-first)
   auto db = at::empty({B, M}, a.options());
@@ -216,8 +274,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu(
         dbp[bi * M + j] = scalar_t(s * double(inv_m));
       }
     }
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
+    projection_grads<scalar_t>(theta, dap, wp, dtheta, dwp);
+    projection_grads<scalar_t>(phi, dbp, wp + dk, dphi, dwp + dk);
   });
-  return {da, dg, db};
+  return {dtheta, dphi, dg, dw};
 }
 
 }  // namespace
@@ -228,7 +290,8 @@ TORCH_LIBRARY_FRAGMENT(nonlocal_kernels, m) {
       "(Tensor y, Tensor P, Tensor k)");
   m.def(
       "concat_sorted_bwd(Tensor dy, Tensor a, Tensor k, Tensor P, Tensor neg_b_sorted, "
-      "Tensor perm, Tensor g) -> (Tensor da, Tensor dg, Tensor db)");
+      "Tensor perm, Tensor g, Tensor theta, Tensor phi, Tensor w) -> "
+      "(Tensor dtheta, Tensor dphi, Tensor dg, Tensor dw)");
 }
 
 TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {

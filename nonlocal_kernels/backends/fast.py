@@ -455,8 +455,9 @@ class _ConcatSorted(torch.autograd.Function):
 
 class _ConcatSortedCompiled(torch.autograd.Function):
     """The same algorithm with the key prefix sums, binary search and output rows (forward) and
-    da, the bins, their suffix sums, dg and db (backward) each fused into one C++ CPU kernel
-    (csrc/fast/concat_sorted.cpp); the projections and their gradients stay PyTorch ops."""
+    da, the bins, their suffix sums, dg, db and the projections' gradients (backward) each fused
+    into one C++ CPU kernel (csrc/fast/concat_sorted.cpp); the projections and the sort of b
+    stay PyTorch ops."""
 
     @staticmethod
     def forward(ctx, theta, phi, g, w):
@@ -477,19 +478,13 @@ class _ConcatSortedCompiled(torch.autograd.Function):
         B, N, dk = theta.shape
         cdt = a.dtype
         need_t, need_p, need_g, need_w = ctx.needs_input_grad
-        wc = w.to(cdt)
         dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
-        da, dg, db = torch.ops.nonlocal_kernels.concat_sorted_bwd(dy, a, k, P, neg_b_sorted,
-                                                                  perm_b, g.to(cdt))
-        dtheta = dphi = dw = None
-        if need_t:
-            dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
-            torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
-        if need_p:
-            dphi = torch.empty_like(phi)
-            torch.mul(db.unsqueeze(-1), wc[dk:], out=dphi)
-        if need_w:
-            dw = torch.cat([_weight_grad(da, theta), _weight_grad(db, phi)]).to(w.dtype)
+        dtheta, dphi, dg, dw = torch.ops.nonlocal_kernels.concat_sorted_bwd(
+            dy, a, k, P, neg_b_sorted, perm_b, g.to(cdt), theta.to(cdt), phi.to(cdt),
+            w.to(cdt).contiguous())
+        dtheta = dtheta.to(theta.dtype) if need_t else None
+        dphi = dphi.to(phi.dtype) if need_p else None
+        dw = dw.to(w.dtype) if need_w else None
         return dtheta, dphi, dg.to(g.dtype) if need_g else None, dw
 
 
