@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation -e .
 
-- C++ sources always: csrc/ops.cpp and csrc/cpu/*.cpp.
+- C++ sources always: csrc/ops.cpp, csrc/cpu/*.cpp and csrc/fast/*.cpp.
 - CUDA sources (csrc/cuda/*.cu, csrc/cuda/*.cpp) when nvcc is found (CUDA_HOME, else
   /usr/local/cuda) and torch was built with CUDA. NONLOCAL_KERNELS_CUDA=0/1 forces either way.
   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible.
@@ -47,7 +47,7 @@ def extensions():
     werror = ["-Werror"] if _env_flag("NONLOCAL_KERNELS_WERROR") else []
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + werror
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
-    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
+    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp") + _rel("csrc/fast/*.cpp")
     # Py_LIMITED_API itself comes from torch (py_limited_api=True); defining it here too
     # redefined it in every compile command, a warning that -Werror turns into a failure.
     define = [("NONLOCAL_KERNELS_PYTHON_MODULE", None)]
