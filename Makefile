@@ -29,7 +29,8 @@ deps: $(VENV)/.deps
 
 # Rebuilds when a C++/CUDA source changes (ninja makes the rebuild incremental).
 $(VENV)/.built: $(VENV)/.deps $(CSRC) pyproject.toml
-	$(PIP) install --no-build-isolation --no-deps -e .
+	@t0=$$(date +%s); $(PIP) install --no-build-isolation --no-deps -e . && \
+	  echo "build (C++, CUDA for $${TORCH_CUDA_ARCH_LIST:-8.0;9.0} where nvcc exists, emulator): $$(( $$(date +%s) - t0 )) s"
 	touch $@
 
 build: $(VENV)/.built
