@@ -10,8 +10,10 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch>=2.4
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export NONLOCAL_KERNELS_EMU ?= 1
+# Warnings in our .cu files fail the (nvcc, sm_80 + sm_90) build of the CUDA kernels.
+export NONLOCAL_KERNELS_CUDA_WERROR ?= 1
 
-.PHONY: setup deps build test test-py test-cpp demo bench clean
+.PHONY: setup deps build test test-py test-cpp test-cuda-build demo bench clean
 
 setup: build
 
@@ -40,7 +42,11 @@ test-cpp: build
 	cmake --build build-cmake -j2
 	ctest --test-dir build-cmake --output-on-failure
 
-test: test-cpp test-py
+# The build above compiled the CUDA kernels with nvcc (where nvcc exists) and _C_emu: check both.
+test-cuda-build: build
+	$(PY) scripts/check_cuda_build.py
+
+test: test-cuda-build test-cpp test-py
 
 demo: build
 	$(PY) -m nonlocal_kernels.demo

@@ -2,13 +2,15 @@
 
     pip install --no-build-isolation -e .
 
-- C++ sources always: csrc/ops.cpp and csrc/cpu/*.cpp.
+- C++ sources always: csrc/ops.cpp, csrc/cpu/*.cpp and csrc/fast/*.cpp.
 - CUDA sources (csrc/cuda/*.cu, csrc/cuda/*.cpp) when nvcc is found (CUDA_HOME, else
   /usr/local/cuda) and torch was built with CUDA. NONLOCAL_KERNELS_CUDA=0/1 forces either way.
   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible.
 - NONLOCAL_KERNELS_EMU=1 also builds nonlocal_kernels._C_emu from csrc/emu/*.cpp: the CUDA
   kernel sources compiled by the host compiler against csrc/emu/cuda_emu.h (tests only).
 - NONLOCAL_KERNELS_WERROR=1 turns warnings in our own sources into errors (CI).
+  NONLOCAL_KERNELS_CUDA_WERROR=1 does it for the .cu files only (nvcc, device and host side);
+  `make test` sets it.
 """
 
 import glob
@@ -45,8 +47,10 @@ def extensions():
     werror = ["-Werror"] if _env_flag("NONLOCAL_KERNELS_WERROR") else []
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + werror
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
-    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp")
-    define = [("NONLOCAL_KERNELS_PYTHON_MODULE", None), ("Py_LIMITED_API", "0x03090000")]
+    sources = ["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp") + _rel("csrc/fast/*.cpp")
+    # Py_LIMITED_API itself comes from torch (py_limited_api=True); defining it here too
+    # redefined it in every compile command, a warning that -Werror turns into a failure.
+    define = [("NONLOCAL_KERNELS_PYTHON_MODULE", None)]
 
     want_cuda = _env_flag("NONLOCAL_KERNELS_CUDA")
     cuda_home = _cuda_home()
@@ -65,7 +69,7 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         nvcc = ["-O3", "-lineinfo",
                 "-Xcompiler=-Wall", "--expt-relaxed-constexpr"]
-        if werror:
+        if werror or _env_flag("NONLOCAL_KERNELS_CUDA_WERROR"):
             nvcc += ["-Werror=all-warnings", "-Xcompiler=-Werror"]
         exts.append(cpp_extension.CUDAExtension(
             "nonlocal_kernels._C", sources + cuda_sources, py_limited_api=True,
@@ -78,10 +82,19 @@ def extensions():
 
     emu_sources = _rel("csrc/emu/*.cpp")
     if _env_flag("NONLOCAL_KERNELS_EMU") and emu_sources:
+        # The emulator compiles CUDA's own cuda_fp16.h / cuda_bf16.h with the host compiler.
+        cuda_include = os.path.join(cuda_home or "/usr/local/cuda", "include")
+        if not os.path.exists(os.path.join(cuda_include, "cuda_fp16.h")):
+            print(f"WARNING: NONLOCAL_KERNELS_EMU=1 but CUDA's headers (cuda_fp16.h) are not in "
+                  f"{cuda_include} (set CUDA_HOME): nonlocal_kernels._C_emu is not built",
+                  file=sys.stderr)
+            return exts
         exts.append(cpp_extension.CppExtension(
             "nonlocal_kernels._C_emu", emu_sources, py_limited_api=True,
-            define_macros=[("NONLOCAL_KERNELS_EMU_MODULE", None), ("Py_LIMITED_API", "0x03090000")],
-            extra_compile_args={"cxx": cxx + ["-DNONLOCAL_KERNELS_EMU"]}, **common))
+            define_macros=[("NONLOCAL_KERNELS_EMU_MODULE", None)],
+            extra_compile_args={"cxx": cxx + ["-DNONLOCAL_KERNELS_EMU"]},
+            include_dirs=[os.path.join(ROOT, "csrc"), cuda_include],
+            extra_link_args=["-fopenmp"]))
     return exts
 
 

@@ -51,6 +51,15 @@ def _mmcv_concat(theta, phi, g, concat_weight, mode, scale):
     return pairwise @ g
 
 
+def _fast_pytorch(theta, phi, g, concat_weight, mode, scale):
+    """Backend fast with its fused C++ CPU concatenation kernels switched off: the pure-PyTorch
+    version of the same algorithm (what CUDA tensors and builds without _C run)."""
+    from nonlocal_kernels.backends import fast
+    with fast.use_compiled_concat(False):
+        return nonlocal_kernels.nonlocal_attention(theta, phi, g, mode=mode, scale=scale,
+                                                   concat_weight=concat_weight, backend="fast")
+
+
 # name -> (fn, modes it supports, device types, description)
 BASELINES: dict = {
     "naive": (_backend_method("reference"), None, ("cpu", "cuda"),
@@ -59,6 +68,8 @@ BASELINES: dict = {
              "torch scaled_dot_product_attention, default dispatch"),
     "mmcv_concat": (_mmcv_concat, ("concatenation",), ("cpu", "cuda"),
                     "mmcv-style concatenation: builds the (B, 2 dk, N, M) tensor and a 1x1 conv"),
+    "fast_pytorch": (_fast_pytorch, ("concatenation",), ("cpu",),
+                     "backend fast, concatenation without its fused C++ CPU kernels"),
 }
 for _name, _sdpa in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
                      ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH")):

@@ -100,6 +100,9 @@ def measure(spec: dict) -> dict:
 
         def peak_of(step):
             if device.type == "cuda":
+                # Warm-up first: JIT compilation and autotuning (Triton's benchmarking allocates
+                # its own cache-flush buffer) must not count as the method's memory.
+                step()
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

@@ -26,6 +26,14 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
+// Like at::empty_like (same strides for dense layouts, e.g. channels-first views), poisoned the
+// same way: what the fake kernels' torch.empty_like(x) promises for gradients.
+inline at::Tensor new_output_like(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 inline at::ScalarType lse_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -5,6 +5,8 @@ data: forward and every gradient (concat_weight included), ragged sizes, M != N,
 strided and channels-first inputs, ties, a_i + b_j exactly 0, and error growth up to N = 1e5.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -16,8 +18,12 @@ from nonlocal_kernels.testing import (assert_all_ok, check_close, compare_with_o
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (mode, forced dot_product path): every code path of the backend.
-PATHS = [("dot_product", "reordered"), ("dot_product", "naive"), ("concatenation", None)]
-PATH_IDS = ["dot-reordered", "dot-naive", "concat"]
+# "pytorch": concatenation with the fused C++ CPU kernels switched off (the pure-PyTorch version
+# of the same algorithm, which CUDA tensors and builds without the extension run); None: the
+# default (the C++ kernels on CPU when nonlocal_kernels._C is built).
+PATHS = [("dot_product", "reordered"), ("dot_product", "naive"), ("concatenation", None),
+         ("concatenation", "pytorch")]
+PATH_IDS = ["dot-reordered", "dot-naive", "concat", "concat-pytorch"]
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
 
@@ -25,13 +31,21 @@ def _dt(dtype):
     return str(dtype).replace("torch.", "")
 
 
+@contextlib.contextmanager
+def forced(path):
+    """Force a dot_product path ("reordered"/"naive") or the concatenation kernel ("pytorch")."""
+    with fast.force_dot_product_path(path if path in fast.DOT_PATHS else None), \
+            fast.use_compiled_concat(path != "pytorch"):
+        yield
+
+
 def run_checks(inputs, mode, path, **kw):
     """compare_with_oracle on backend 'fast', asserting which path ran."""
     theta, phi, g, w = inputs
-    with fast.force_dot_product_path(path), fast.record_paths() as taken:
+    with forced(path), fast.record_paths() as taken:
         checks = compare_with_oracle(theta, phi, g, backend="fast", mode=mode,
                                      concat_weight=w if mode == "concatenation" else None, **kw)
-    assert taken == [(mode, path or "sorted")]
+    assert taken == [(mode, "sorted" if mode == "concatenation" else path)]
     assert_all_ok(checks)
     return checks
 
@@ -79,6 +93,17 @@ def test_cost_model_and_debug_hook():
         assert_all_ok(checks)
 
 
+def test_compiled_concat_kernels_run_on_cpu_when_the_extension_is_built():
+    from nonlocal_kernels import ops
+    if ops.extension_unavailable_reason() is not None:
+        pytest.skip(f"extension not built: {ops.extension_unavailable_reason()}")
+    cpu = torch.device("cpu")
+    assert fast.compiled_concat_available(cpu)
+    with fast.use_compiled_concat(False):
+        assert not fast.compiled_concat_available(cpu)
+    assert not fast.compiled_concat_available(torch.device("meta"))
+
+
 # --------------------------------------------------------------------------------------------
 # agreement with the oracle
 # --------------------------------------------------------------------------------------------
@@ -105,7 +130,7 @@ def test_extra_batch_dims_and_expanded_upstream_gradient(mode, path):
     theta, phi, g, w = make_inputs(6, 11, 7, 4, 3, dtype=torch.float64, with_concat=True)
     w = w if mode == "concatenation" else None
     leaves = [t.detach().reshape(2, 3, *t.shape[1:]).requires_grad_() for t in (theta, phi, g)]
-    with fast.force_dot_product_path(path):
+    with forced(path):
         y = nonlocal_attention(*leaves, mode=mode, concat_weight=w, backend="fast")
         y.sum().backward()  # an expanded (stride 0) upstream gradient
     ref_in = [t.detach().requires_grad_() for t in (theta, phi, g)]
@@ -128,7 +153,7 @@ def test_gradients_of_a_subset_of_inputs(mode, path, wants):
     for backend in ("fast", "reference"):
         ins = [None if t is None else t.detach().requires_grad_(n == wants)
                for n, t in zip(names, (theta, phi, g, w))]
-        with fast.force_dot_product_path(path):
+        with forced(path):
             y = nonlocal_attention(*ins[:3], mode=mode, concat_weight=ins[3], backend=backend)
         (grad,) = torch.autograd.grad(y, ins[names.index(wants)], dy)
         grads.append(grad)
@@ -145,27 +170,30 @@ def test_float64_gradcheck(mode, path):
         return nonlocal_attention(*xs[:3], mode=mode, backend="fast",
                                   concat_weight=xs[3] if len(xs) > 3 else None)
 
-    with fast.force_dot_product_path(path):
+    with forced(path):
         assert torch.autograd.gradcheck(fn, args)
 
 
 def test_many_row_chunks(monkeypatch):
     # Tiny chunks: the chunked loops over query rows must cover every row exactly once.
+    # (Only the pure-PyTorch concatenation chunks its rows; the C++ kernels need no scratch.)
     monkeypatch.setitem(fast._CHUNK_ELEMENTS, "cpu", 8)
-    run_checks(make_inputs(2, 50, 21, 3, 5, with_concat=True), "concatenation", None)
+    run_checks(make_inputs(2, 50, 21, 3, 5, with_concat=True), "concatenation", "pytorch")
 
 
-def test_deterministic():
+@pytest.mark.parametrize("path", [None, "pytorch"], ids=["concat", "concat-pytorch"])
+def test_deterministic(path):
     theta, phi, g, w = [t.detach().requires_grad_() for t in
                         make_inputs(2, 300, 80, 16, 24, with_concat=True)]
     dy = torch.randn(2, 300, 24)
     outs = []
-    for _ in range(2):
-        for t in (theta, phi, g, w):
-            t.grad = None
-        y = nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w)
-        y.backward(dy)
-        outs.append([y.detach().clone()] + [t.grad.clone() for t in (theta, phi, g, w)])
+    with forced(path):
+        for _ in range(2):
+            for t in (theta, phi, g, w):
+                t.grad = None
+            y = nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w)
+            y.backward(dy)
+            outs.append([y.detach().clone()] + [t.grad.clone() for t in (theta, phi, g, w)])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -202,10 +230,11 @@ def exact_tie_inputs(dtype, layout="contiguous"):
     return lay(theta), lay(phi), lay(g), w.to(dtype)
 
 
+@pytest.mark.parametrize("path", [None, "pytorch"], ids=["concat", "concat-pytorch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
-def test_concat_ties_and_exact_zero_pairs(dtype, layout):
-    run_checks(exact_tie_inputs(dtype, layout), "concatenation", None)
+def test_concat_ties_and_exact_zero_pairs(dtype, layout, path):
+    run_checks(exact_tie_inputs(dtype, layout), "concatenation", path)
 
 
 def test_concat_relu_gradient_at_exactly_zero_is_zero_like_pytorch():
@@ -215,11 +244,12 @@ def test_concat_relu_gradient_at_exactly_zero_is_zero_like_pytorch():
     phi = torch.tensor([[[-1.5, 2.0]]], dtype=torch.float64, requires_grad=True)
     g = torch.tensor([[[3.0, -1.0, 2.0]]], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([1.0, 0.5, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
-    for backend in ("fast", "reference"):
+    for backend, path in (("fast", None), ("fast", "pytorch"), ("reference", None)):
         for t in (theta, phi, g, w):
             t.grad = None
-        y = nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w,
-                               backend=backend)
+        with forced(path):
+            y = nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w,
+                                   backend=backend)
         y.backward(torch.ones_like(y))
         assert torch.equal(y, torch.zeros_like(y)), backend
         for t in (theta, phi, g, w):
@@ -230,7 +260,7 @@ def test_concat_relu_gradient_at_exactly_zero_is_zero_like_pytorch():
 # error growth with N (concatenation's long prefix sums; dot product's long reductions)
 # --------------------------------------------------------------------------------------------
 
-def _sampled_errors(mode, N, M, d, g_mean):
+def _sampled_errors(mode, N, M, d, g_mean, path=None):
     """Errors of the fast path and of the float32 reference against float64, on sampled outputs:
     rows I of y (each needs all M keys) and columns J of dg (each needs all N queries), so the
     oracle never holds more than N x |J| values."""
@@ -239,7 +269,8 @@ def _sampled_errors(mode, N, M, d, g_mean):
     w = w if mode == "concatenation" else None
     dy = torch.randn(1, N, d)
     leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
-    y = nonlocal_attention(*leaves, mode=mode, concat_weight=w, backend="fast")
+    with forced(path):
+        y = nonlocal_attention(*leaves, mode=mode, concat_weight=w, backend="fast")
     y.backward(dy)
     dg = leaves[2].grad
     I = torch.randperm(N)[:256]
@@ -260,12 +291,14 @@ def _sampled_errors(mode, N, M, d, g_mean):
             check_close(dg[:, J], dg32, dg64, name=f"dg N={N}", grad=True)]
 
 
-@pytest.mark.parametrize("mode", ["concatenation", "dot_product"])
+@pytest.mark.parametrize("mode,path", [("concatenation", None), ("concatenation", "pytorch"),
+                                       ("dot_product", None)],
+                         ids=["concatenation", "concatenation-pytorch", "dot_product"])
 @pytest.mark.parametrize("g_mean", [0.0, 3.0], ids=["g-centred", "g-mean-3"])
-def test_error_does_not_grow_worse_than_the_oracle_up_to_N_1e5(mode, g_mean):
+def test_error_does_not_grow_worse_than_the_oracle_up_to_N_1e5(mode, path, g_mean):
     # At every N, M = N / 4: within 2x (3x for dg) of float32 PyTorch's own error at that N.
     for N in (1000, 10000, 100000):
-        checks = _sampled_errors(mode, N, N // 4, 4, g_mean)
+        checks = _sampled_errors(mode, N, N // 4, 4, g_mean, path)
         print([str(c) for c in checks])
         assert_all_ok(checks)
 
@@ -274,15 +307,16 @@ def test_error_does_not_grow_worse_than_the_oracle_up_to_N_1e5(mode, g_mean):
 # no N x M anywhere
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,path", [("dot_product", "reordered"), ("concatenation", None)],
-                         ids=["dot-reordered", "concat"])
+@pytest.mark.parametrize("mode,path", [("dot_product", "reordered"), ("concatenation", None),
+                                       ("concatenation", "pytorch")],
+                         ids=["dot-reordered", "concat", "concat-pytorch"])
 def test_no_allocation_of_n_by_m(mode, path):
     from torch.profiler import ProfilerActivity, profile
     N = M = 2048
     theta, phi, g, w = [t.detach().requires_grad_() for t in
                         make_inputs(1, N, M, 8, 8, with_concat=True)]
     w = w if mode == "concatenation" else None
-    with fast.force_dot_product_path(path), \
+    with forced(path), \
             profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y = nonlocal_attention(theta, phi, g, mode=mode, concat_weight=w, backend="fast")
         y.backward(torch.randn_like(y))

@@ -69,10 +69,31 @@ def test_gradients_reach_every_parameter(mode, norm):
     if norm == "bn":
         torch.nn.init.ones_(block.conv_out.bn.weight)
     x = torch.randn(2, 6, 6, 5)
+    if mode == "concatenation":
+        _activate_some_concat_pair(block, x)
     block(x).pow(2).sum().backward()
     for name, p in block.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
+
+
+def _activate_some_concat_pair(block, x):
+    """ReLU(a_i + b_j) can be 0 for every pair on an unlucky draw; then the theta/phi/concat
+    gradients are exactly 0 (the reference agrees). Negate the concat weight in that case so that
+    some pair is active: a + b becomes -(a + b), which has a positive entry unless all are 0."""
+    seen = {}
+    hooks = [getattr(block, n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen.__setitem__(n, out.detach())) for n in ("theta", "phi")]
+    with torch.no_grad():
+        block(x)
+    for h in hooks:
+        h.remove()
+    w = block.concat_project.conv.weight.detach().reshape(2, -1)
+    a = torch.einsum("bc...,c->b...", seen["theta"], w[0]).flatten(1)
+    b = torch.einsum("bc...,c->b...", seen["phi"], w[1]).flatten(1)
+    if (a[:, :, None] + b[:, None, :]).max() <= 0:
+        with torch.no_grad():
+            block.concat_project.conv.weight.neg_()
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

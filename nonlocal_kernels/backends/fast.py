@@ -16,21 +16,30 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
   query i reaches exactly the keys with -b_j < a_i, i.e. the k_i keys of largest b, where
   k_i = searchsorted(sort(-b), a_i) (strict "<": a pair with a_i + b_j exactly 0 contributes
   nothing and gets ReLU's gradient 0, as in PyTorch; ties in a or b need nothing special).
-  With prefix sums P_g, P_bg of g/M and b·g/M over the keys by decreasing b,
-      y_i = P_bg[k_i] + a_i · P_g[k_i]        (one embedding_bag over P's rows).
-  Backward, the symmetric sort over a: key j of ascending rank s is reached by the queries with
-  k_i >= M - s, i.e. those of largest a. Sorting the queries by k (= by a) makes each value of
-  k a contiguous bag; one embedding_bag sums dy_i and a_i·dy_i per bag, prefix sums over the
-  bags give S_dy(j) and S_ady(j), and
-      dg_j = (b_j · S_dy(j) + S_ady(j)) / M,   db_j = g_j · S_dy(j) / M,   da_i = dy_i · P_g[k_i],
+  With prefix sums P_g, P_bg of g and b·g over the keys by decreasing b,
+      y_i = (P_bg[k_i] + a_i · P_g[k_i]) / M   (one embedding_bag over P's rows, 1/M and a_i
+                                               on its per-sample weights).
+  Backward: the key of descending-b rank d is reached by the queries with k_i > d. Sorting the
+  queries by k makes each value of k a contiguous bag; one embedding_bag sums dy_i/M and
+  a_i·dy_i/M per bag, suffix sums over the bags give S_dy(d) and S_ady(d), and
+      dg_j = b_j · S_dy(j) + S_ady(j),   db_j = g_j · S_dy(j),   da_i = dy_i · P_g[k_i] / M,
       dtheta = da w_theta^T, dphi = db w_phi^T, dw = [sum_i da_i theta_i, sum_j db_j phi_j].
+  da is embedding_bag's per-sample-weight gradient (gather and dot in one pass, no N x dv
+  scratch); dg and db are formed in sorted key order and un-sorted with one gather.
   O((N+M)·(log + d)) time, O((N+M)·d) memory; deterministic (no atomics, no scatters).
-  CPU prefix sums are blocked triangular products (torch.cumsum along a non-last dim is
+  CPU prefix/suffix sums are blocked triangular products (torch.cumsum along a non-last dim is
   several times slower here); CUDA uses torch.cumsum.
 
+  On CPU, when nonlocal_kernels._C is built, two fused C++ kernels (csrc/fast/concat_sorted.cpp)
+  replace these op chains: forward = prefix sums (in float64) + binary search + output rows;
+  backward = da + per-k bins + suffix sums (in float64) + dg + db; the projections and their
+  gradients stay PyTorch ops. On this 2-core dev VM they take I3D res3 forward+backward from
+  about 8 ms to about 4-5 ms (benchmarks/results/fast-paths-2026-11-24.md).
+  :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
+
 Precision: a, b and every sum are computed in float32 from float16/bfloat16 inputs (float64 for
-float64 inputs) and the results are rounded to the input dtype at the end. The one N x dv
-scratch gather (da) runs in row chunks that bound it at long-video sizes.
+float64 inputs) and the results are rounded to the input dtype at the end. The pure-PyTorch da
+runs in row chunks (which bound per-call temporaries at long-video sizes).
 
 Debug hook: :func:`last_path` / :func:`record_paths` say which path a call took ("reordered",
 "naive" or "sorted"); :func:`force_dot_product_path` overrides the cost model (tests,
@@ -234,36 +243,60 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cumsum_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (B, L, W) = inclusive prefix sums of x along dim 1 (out's rows contiguous).
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for (B, L, w) tensors; a channels-first dst (each dst[i] the transpose of
+    a contiguous (w, L) matrix) is copied per batch as 2-D transposes, which take PyTorch's
+    blocked-transpose copy (about twice as fast here as the generic 3-D strided copy)."""
+    if dst.shape[1] > 1 and all(dst[i].t().is_contiguous() for i in range(dst.shape[0])):
+        for i in range(dst.shape[0]):
+            dst[i].t().copy_(src[i].t())
+        return dst
+    return dst.copy_(src)
 
-    CUDA: torch.cumsum. CPU: torch.cumsum along a non-last dim runs about 3-7 ns per element
-    here, so the scan is blocked: prefix sums inside blocks of _SCAN_BLOCK rows as one batched
-    product with a lower-triangular matrix of ones (plain adds in x's dtype; CPU matmul has no
-    TF32), then the running block totals (a short cumsum) added to each block.
+
+def _cumsum_rows(x: torch.Tensor, out: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """out (B, L, W) = inclusive prefix sums of x (B, L, W) along dim 1 (suffix sums when
+    reverse); on CPU every x[i] and out[i] must be contiguous (any batch stride).
+
+    CUDA: torch.cumsum (of the flipped rows when reverse). CPU: torch.cumsum along a non-last
+    dim runs about 3-7 ns per element here, so the scan is blocked: sums inside blocks of
+    _SCAN_BLOCK rows as a batched product with a triangular matrix of ones written straight into
+    out (plain adds in x's dtype; CPU matmul has no TF32), then the running block totals (a
+    short cumsum) added to each block.
     """
     if x.device.type != "cpu":
+        if reverse:
+            return out.copy_(torch.cumsum(x.flip(1), 1).flip(1))
         return torch.cumsum(x, 1, out=out)
     B, L, W = x.shape
     T = _SCAN_BLOCK
-    nb, L0 = L // T, (L // T) * T
-    tri = _lower_ones(T, x.dtype)
-    if nb:
-        yb = out[:, :L0].view(B, nb, T, W)
-        torch.matmul(tri, x[:, :L0].reshape(B, nb, T, W), out=yb)
-        if nb > 1:
-            yb[:, 1:] += torch.cumsum(yb[:, :-1, -1], 1).unsqueeze(2)
-    if L > L0:
-        r = L - L0
-        torch.matmul(tri[:r, :r], x[:, L0:], out=out[:, L0:])
+    nb, r = divmod(L, T)
+    b0 = r if reverse else 0  # reverse: blocks end at row L, a ragged block (if any) first
+    tri = _triangle_ones(T, x.dtype, reverse)
+    for i in range(B):
+        xi, oi = x[i], out[i]
         if nb:
-            out[:, L0:] += out[:, L0 - 1:L0]
+            ob = oi[b0:b0 + nb * T].view(nb, T, W)
+            torch.bmm(tri.expand(nb, T, T), xi[b0:b0 + nb * T].view(nb, T, W), out=ob)
+            if nb > 1:
+                if reverse:  # block c gets the totals of blocks c+1.. (their first rows)
+                    tails = torch.cumsum(ob[1:, 0].flip(0), 0).flip(0)
+                    ob[:-1] += tails.unsqueeze(1)
+                else:
+                    ob[1:] += torch.cumsum(ob[:-1, -1], 0).unsqueeze(1)
+        if r:
+            rest = slice(0, r) if reverse else slice(L - r, L)
+            tr = tri[:r, :r] if not reverse else tri[T - r:, T - r:]
+            torch.mm(tr, xi[rest], out=oi[rest])
+            if nb:
+                oi[rest] += oi[r] if reverse else oi[L - r - 1]
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _lower_ones(T: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ones(T, T, dtype=dtype).tril_()
+def _triangle_ones(T: int, dtype: torch.dtype, upper: bool) -> torch.Tensor:
+    ones = torch.ones(T, T, dtype=dtype)
+    return ones.triu_() if upper else ones.tril_()
 
 
 def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -280,55 +313,72 @@ def _weight_grad(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _key_prefix_sums(g: torch.Tensor, perm: torch.Tensor, b_sorted: torch.Tensor,
                      cdt: torch.dtype) -> tuple:
-    """(P, xg): xg (B, M, dv) = g[perm] / M in cdt (keys by decreasing b; a view of a buffer
-    twice its size); P (B, 2, M + 1, dv) in cdt with P[:, 0, r] = sum of the first r rows of
-    xg and P[:, 1, r] the same for b_sorted * xg; P[:, :, 0] = 0. The two halves are separate
-    contiguous blocks (row gathers from a strided half are several times slower)."""
+    """(P, x): x (B, M, 2, dv) in cdt holds g[perm] and b_sorted * g[perm]; P (B, M + 1, 2, dv), keys by decreasing b (perm): P[:, r, 0] = sum of g over the
+    first r keys, P[:, r, 1] the same for b_sorted * g; P[:, 0] = 0 (no 1/M: the callers fold
+    it into their weights). Row r of both sums sits in one contiguous (2, dv) block, so the scan
+    runs once over rows of width 2·dv and every gathered row P[b, r, s] is contiguous."""
     B, M, dv = g.shape
-    x = torch.empty(B, 2, M, dv, dtype=cdt, device=g.device)
-    xg = x[:, 0]
+    x = torch.empty(B, M, 2, dv, dtype=cdt, device=g.device)
     for i in range(B):
         if g.dtype == cdt:
-            torch.index_select(g[i], 0, perm[i], out=xg[i])
+            torch.index_select(g[i], 0, perm[i], out=x[i, :, 0])
         else:
-            xg[i] = g[i].index_select(0, perm[i])
-    xg.div_(M)
-    torch.mul(xg, b_sorted.unsqueeze(-1), out=x[:, 1])
-    P = torch.empty(B, 2, M + 1, dv, dtype=cdt, device=g.device)
-    P[:, :, 0].zero_()
-    _cumsum_rows(x.view(2 * B, M, dv), out=P.view(2 * B, M + 1, dv)[:, 1:])
-    return P, xg
+            x[i, :, 0] = g[i].index_select(0, perm[i])
+    torch.mul(x[:, :, 0], b_sorted.unsqueeze(-1), out=x[:, :, 1])
+    P = torch.empty(B, M + 1, 2, dv, dtype=cdt, device=g.device)
+    P[:, 0].zero_()
+    _cumsum_rows(x.view(B, M, 2 * dv), out=P.view(B, M + 1, 2 * dv)[:, 1:])
+    return P, x
 
 
 def _query_sums_by_key(dy: torch.Tensor, a: torch.Tensor, k: torch.Tensor, M: int,
-                       cdt: torch.dtype) -> tuple:
-    """(R_dy, R_ady), each (B, M, dv) in cdt: row s holds the sum of dy_i (of a_i dy_i) over
-    the queries i with k_i >= M - s, i.e. what the key of ascending-b rank s (descending rank
-    M - 1 - s) receives: query i reaches the k_i keys of largest b.
+                       cdt: torch.dtype) -> torch.Tensor:
+    """R (B, 2, M, dv) in cdt, keys by decreasing b: R[:, 0, d] holds the sum of dy_i / M
+    (R[:, 1, d] of a_i dy_i / M) over the queries i with k_i > d, i.e. what the key of
+    descending-b rank d receives: query i reaches the k_i keys of largest b.
 
-    Query i goes to bin M - k_i; sorting the queries by bin makes each bin a contiguous bag, and
-    one embedding_bag call sums every bag (deterministic, no atomics, multithreaded on CPU);
-    prefix sums over the bins then give R.
+    Query i goes to bin k_i; sorting the queries by k makes each bin a contiguous bag, and one
+    embedding_bag call sums every bag (deterministic, no atomics, multithreaded on CPU); suffix
+    sums over the bins 1..M then give R. The 1/M rides on the bag weights. dy: (B, N, dv)
+    contiguous.
     """
     B, N, dv = dy.shape
     dev = dy.device
-    k_desc, order = torch.sort(k, dim=1, descending=True)  # bins M - k ascending
-    # Bag c of batch b: positions [start(b, c), start(b, c + 1)) of the sorted queries.
-    edges = torch.searchsorted(k_desc.neg(), torch.arange(-M, 1, device=dev).expand(B, M + 1)
-                               .contiguous())  # #{i : k_i > M - c} = start of bin c
-    # Bags (b, c) for the sums of dy, then bags (b, c) again for the sums of a_i dy_i: the same
-    # rows of dy, the second time weighted by a.
-    base = torch.arange(B, device=dev).unsqueeze(1) * N
-    starts = (edges + base).view(-1)
-    offsets = torch.cat([starts, starts + B * N, torch.tensor([2 * B * N], device=dev)])
-    index = (order + base).view(-1).repeat(2)
-    weights = torch.cat([torch.ones(B * N, dtype=cdt, device=dev),
-                         torch.gather(a, 1, order).view(-1)])
-    h = F.embedding_bag(index, dy.reshape(B * N, dv).to(cdt), offsets, mode="sum",
+    k_sorted, order = torch.sort(k, dim=1)
+    # Bin c of batch b: positions [edges(b, c), edges(b, c + 1)) of the sorted queries.
+    edges = torch.searchsorted(k_sorted, torch.arange(M + 1, device=dev).expand(B, M + 1)
+                               .contiguous())  # #{i : k_i < c} = start of bin c
+    # The index lists, per batch b, the sorted queries twice: part 0 sums dy_i / M, part 1
+    # sums a_i dy_i / M (the same rows, weighted by a). Bag (b, part, c) starts at
+    # (2 b + part) N + edges(b, c), so the bags come out in (b, part, c) order.
+    rows = order + N * torch.arange(B, device=dev).unsqueeze(1)
+    index = torch.stack([rows, rows], 1).view(-1)
+    weights = torch.stack([torch.full((B, N), 1.0 / M, dtype=cdt, device=dev),
+                           torch.gather(a, 1, order).div_(M)], 1).view(-1)
+    part_start = N * torch.arange(2 * B, device=dev).view(B, 2, 1)
+    offsets = torch.cat([(edges.unsqueeze(1) + part_start).view(-1),
+                         torch.tensor([2 * B * N], device=dev)])
+    h = F.embedding_bag(index, dy.view(B * N, dv), offsets, mode="sum",
                         include_last_offset=True, per_sample_weights=weights)
-    R = _cumsum_rows(h.view(2 * B, M + 1, dv)[:, :M],
-                     out=torch.empty(2, B, M, dv, dtype=cdt, device=dev).view(2 * B, M, dv))
-    return R.view(2, B, M, dv).unbind(0)
+    R = torch.empty(B, 2, M, dv, dtype=cdt, device=dev)
+    _cumsum_rows(h.view(2 * B, M + 1, dv)[:, 1:], out=R.view(2 * B, M, dv), reverse=True)
+    return R
+
+
+def _pg_rows(k: torch.Tensor, M: int) -> torch.Tensor:
+    """Rows of P_g[k] in P.view(-1, dv) for P (B, M + 1, 2, dv): 2 (b (M + 1) + k)."""
+    B = k.shape[0]
+    return 2 * (k + (M + 1) * torch.arange(B, device=k.device).unsqueeze(1))
+
+
+def _rows_dot(table: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out[n] = table[index[n]] . x[n] for x (n, w) contiguous, table (L, w) contiguous, without
+    materialising the gathered rows: the per-sample-weight gradient of embedding_bag with one
+    row per bag is exactly this gather-and-dot, in one pass."""
+    n = index.shape[0]
+    bags = torch.arange(n, device=index.device)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x, table, index, bags, bags, 0, -1)  # mode 0 = sum, no padding index
 
 
 class _ConcatSorted(torch.autograd.Function):
@@ -344,50 +394,54 @@ class _ConcatSorted(torch.autograd.Function):
         neg_b_sorted, perm_b = torch.sort(-b, dim=1)
         k = torch.searchsorted(neg_b_sorted, a)  # left: #{j : -b_j < a_i}, strict
         b_sorted = neg_b_sorted.neg_()
-        P, xg = _key_prefix_sums(g, perm_b, b_sorted, cdt)  # (B, 2, M+1, dv), holds the 1/M
-        # y_i = P_bg[k_i] + a_i P_g[k_i]: one embedding_bag over bags of two rows of P.
-        base = torch.arange(B, device=k.device).view(B, 1, 1) * (2 * (M + 1))
-        index = (torch.stack([k + (M + 1), k], -1) + base).view(-1)
-        weights = torch.stack([torch.ones_like(a), a], -1).view(-1)
+        P, x = _key_prefix_sums(g, perm_b, b_sorted, cdt)  # (B, M+1, 2, dv), (B, M, 2, dv)
+        # y_i = (P_bg[k_i] + a_i P_g[k_i]) / M: one embedding_bag over bags of two rows of P
+        # (row 2 r of P's (., dv) view is P_g[r], row 2 r + 1 is P_bg[r]).
+        k2 = _pg_rows(k, M)
+        index = torch.stack([k2 + 1, k2], -1).view(-1)
+        weights = torch.stack([torch.full_like(a, 1.0 / M), a / M], -1).view(-1)
         offsets = torch.arange(0, 2 * B * N, 2, device=k.device)
         y = F.embedding_bag(index, P.view(-1, dv), offsets, mode="sum",
                             per_sample_weights=weights).view(B, N, dv).to(dtype)
-        ctx.save_for_backward(theta, phi, g, w, a, b_sorted, perm_b, k, P, xg)
+        ctx.save_for_backward(theta, phi, g, w, a, b_sorted, perm_b, k, P, x)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        theta, phi, g, w, a, b_sorted, perm_b, k, P, xg = ctx.saved_tensors
+        theta, phi, g, w, a, b_sorted, perm_b, k, P, x = ctx.saved_tensors
         B, N, dk = theta.shape
-        M, dv = xg.shape[1:]
-        dtype, cdt = theta.dtype, a.dtype
+        M, dv = g.shape[1:]
+        cdt = a.dtype
         need_t, need_p, need_g, need_w = ctx.needs_input_grad
         need_da = need_t or need_w
         need_db = need_p or need_w
         wc = w.to(cdt)
         dtheta = dphi = dg = dw = da = db = None
+        dy = dy.to(cdt).reshape(B, N, dv)  # rows contiguous (a copy only if they were not)
+        if not dy.is_contiguous():
+            dy = dy.contiguous()
 
-        if need_da:  # da_i = dy_i . P_g[k_i]  (P holds the 1/M)
-            da = torch.empty(B, N, dtype=cdt, device=a.device)
-            for i in range(B):
-                for n0, n1 in _row_chunks(N, dv, a.device):
-                    G = P[i, 0].index_select(0, k[i, n0:n1]).mul_(dy[i, n0:n1])
-                    torch.sum(G, -1, out=da[i, n0:n1])
-                    del G
+        if need_da:  # da_i = dy_i . P_g[k_i] / M
+            rows = P.view(-1, dv)
+            flat_dy, flat_k = dy.view(B * N, dv), _pg_rows(k, M).view(-1)
+            da = torch.empty(B * N, dtype=cdt, device=a.device)
+            for n0, n1 in _row_chunks(B * N, dv, a.device):
+                da[n0:n1] = _rows_dot(rows, flat_k[n0:n1], flat_dy[n0:n1])
+            da = da.div_(M).view(B, N)
         if need_db or need_g:
-            R_dy, R_ady = _query_sums_by_key(dy, a, k, M, cdt)  # by ascending-b rank
-            # Key j has ascending rank rank[j] (perm_b sorts b descending). Gathers with the
-            # inverse permutation, not scatters: deterministic on CUDA too.
-            rank = torch.argsort(perm_b.flip(1), dim=1)
+            R = _query_sums_by_key(dy, a, k, M, cdt)  # (B, 2, M, dv), keys by decreasing b
+            # Key j sits at position inv[j] of perm_b. Gathers with inv, not scatters:
+            # deterministic on CUDA too.
+            inv = torch.argsort(perm_b, dim=1)  # (B, M)
             if need_g:  # dg_j = (b_j sum dy_i + sum a_i dy_i) / M over i with a_i + b_j > 0
-                dg_asc = torch.addcmul(R_ady, R_dy, b_sorted.flip(1).unsqueeze(-1)).div_(M)
+                dg_sorted = torch.addcmul(R[:, 1], R[:, 0], b_sorted.unsqueeze(-1))
                 dg = torch.empty_like(g)  # g's strides: no layout copy in autograd
-                dg.copy_(_rows(dg_asc, rank))
-                del dg_asc
-            if need_db:  # db_j = g_j . (sum dy_i) / M  (xg holds g / M)
-                db = torch.gather(R_dy.mul_(xg.flip(1)).sum(-1), 1, rank)
-            del R_dy, R_ady
+                _copy_rows(dg, _rows(dg_sorted, inv))
+                del dg_sorted
+            if need_db:  # db_j = g_j . (sum dy_i) / M  (x[:, :, 0] holds g by decreasing b)
+                db = torch.gather(torch.linalg.vecdot(R[:, 0], x[:, :, 0]), 1, inv)
+            del R
         if need_t:
             dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
             torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
@@ -399,11 +453,77 @@ class _ConcatSorted(torch.autograd.Function):
         return dtheta, dphi, dg, dw
 
 
+class _ConcatSortedCompiled(torch.autograd.Function):
+    """The same algorithm with the key prefix sums, binary search and output rows (forward) and
+    da, the bins, their suffix sums, dg, db and the projections' gradients (backward) each fused
+    into one C++ CPU kernel (csrc/fast/concat_sorted.cpp); the projections and the sort of b
+    stay PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx, theta, phi, g, w):
+        dk = theta.shape[2]
+        dtype, cdt = theta.dtype, _compute_dtype(theta.dtype)
+        wc = w.to(cdt)
+        a = _project(theta, wc[:dk]).contiguous()  # (B, N)
+        neg_b_sorted, perm_b = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
+        y, P, k = torch.ops.nonlocal_kernels.concat_sorted_fwd(a, neg_b_sorted, perm_b,
+                                                               g.to(cdt))
+        ctx.save_for_backward(theta, phi, g, w, a, neg_b_sorted, perm_b, k, P)
+        return y.to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        theta, phi, g, w, a, neg_b_sorted, perm_b, k, P = ctx.saved_tensors
+        B, N, dk = theta.shape
+        cdt = a.dtype
+        need_t, need_p, need_g, need_w = ctx.needs_input_grad
+        dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
+        dtheta, dphi, dg, dw = torch.ops.nonlocal_kernels.concat_sorted_bwd(
+            dy, a, k, P, neg_b_sorted, perm_b, g.to(cdt), theta.to(cdt), phi.to(cdt),
+            w.to(cdt).contiguous())
+        dtheta = dtheta.to(theta.dtype) if need_t else None
+        dphi = dphi.to(phi.dtype) if need_p else None
+        dw = dw.to(w.dtype) if need_w else None
+        return dtheta, dphi, dg.to(g.dtype) if need_g else None, dw
+
+
+_use_compiled_concat = True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_concat_built() -> bool:
+    from .. import ops
+    names = [f"{ops.NAMESPACE}::concat_sorted_{s}" for s in ("fwd", "bwd")]
+    return ops._C is not None and all(
+        ops._op_exists(n) and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")
+        for n in names)
+
+
+def compiled_concat_available(device: torch.device) -> bool:
+    """Whether concatenation on this device runs the fused C++ kernels (CPU, extension built,
+    not switched off by :func:`use_compiled_concat`)."""
+    return _use_compiled_concat and device.type == "cpu" and _compiled_concat_built()
+
+
+@contextlib.contextmanager
+def use_compiled_concat(enabled: bool) -> Iterator[None]:
+    """Switch the fused C++ concatenation kernels off (False) or back on (tests, benchmarks);
+    off, CPU calls run the pure-PyTorch version of the same algorithm."""
+    global _use_compiled_concat
+    outer, _use_compiled_concat = _use_compiled_concat, bool(enabled)
+    try:
+        yield
+    finally:
+        _use_compiled_concat = outer
+
+
 def concatenation(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
                   concat_weight: torch.Tensor) -> torch.Tensor:
     """(1/M) sum_j ReLU(theta_i.w_theta + phi_j.w_phi) g_j by sorting; O((N+M)·d) memory."""
     _note("concatenation", "sorted")
-    return _ConcatSorted.apply(theta, phi, g, concat_weight)
+    fn = _ConcatSortedCompiled if compiled_concat_available(theta.device) else _ConcatSorted
+    return fn.apply(theta, phi, g, concat_weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+// The CUDA kernels of csrc/cuda/softmax_bf16.cu compiled by the host compiler against the
+// emulator (csrc/emu/cuda_emu.h), for nonlocal_kernels._C_emu.
+#include "../cuda/softmax_bf16.cu"
