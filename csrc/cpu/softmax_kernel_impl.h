@@ -157,7 +157,20 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
         for (int64_t j = 0; j < NR; ++j) dk_[j] = alpha * static_cast<A>(s[j]);
       }
     } else if (rs == 1 && cs != 1) {
-      for (int64_t kk0 = 0; kk0 < k; kk0 += 8) {
+      int64_t kk0 = 0;
+      if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+        if (cn == NR) {  // whole 8 x 8 blocks through ATen's (AVX2) transpose
+          for (; kk0 + 8 <= k; kk0 += 8) {
+            for (int64_t j0 = 0; j0 < NR; j0 += 8)
+              at::vec::transpose_mxn<float, 8, 8>(src + (c0 + j0) * cs + kk0, cs,
+                                                  d + kk0 * NR + j0, NR);
+            if (alpha != A(1))
+              for (int64_t i = 0; i < 8 * NR; i += Vec<A>::size())
+                (Vec<A>::loadu(d + kk0 * NR + i) * Vec<A>(alpha)).store(d + kk0 * NR + i);
+          }
+        }
+      }
+      for (; kk0 < k; kk0 += 8) {
         const int64_t kn = std::min<int64_t>(8, k - kk0);
         for (int64_t j = 0; j < NR; ++j) {
           if (j < cn) {
