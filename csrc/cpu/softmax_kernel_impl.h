@@ -222,6 +222,24 @@ inline void micro(int64_t kc, const T* __restrict a, int64_t lda, const T* __res
   }
 }
 
+// out (kMR x kNR, row-major; only its first Vec<T>::size() columns are written) = A . B: the
+// last panel when it has at most one vector of columns (e.g. M = 196: 12 panels + 4 columns).
+// Each column is summed exactly as by `micro`.
+template <typename T, bool kColA>
+inline void micro_half(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                       T* __restrict out) {
+  constexpr int64_t NR = kNR<T>;
+  Vec<T> c0[kMR];
+  for (int r = 0; r < kMR; ++r) c0[r] = Vec<T>(T(0));
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const Vec<T> b0 = Vec<T>::loadu(b);
+    for (int r = 0; r < kMR; ++r) c0[r] = at::vec::fmadd(Vec<T>(kColA ? a[r] : a[r * lda]), b0, c0[r]);
+    a += kColA ? lda : 1;
+    b += NR;
+  }
+  for (int r = 0; r < kMR; ++r) c0[r].store(out + r * NR);
+}
+
 // C (a full kMR x kNR tile, ldc) = (or +=) A . B. The product is summed in registers from zero
 // and added to C at the end (not continued from C): long k is then summed in blocks of at most
 // kKC, which keeps the rounding error close to a BLAS's.
@@ -288,13 +306,20 @@ void gemm_strided_a(int64_t m, int64_t n, int64_t k, const View<T>& A, const Pan
           } else {
             micro_full<T, kColA, false>(kc, ap, lda, bp, c, ldc);
           }
+        } else if (cols <= Vec<T>::size()) {
+          micro_half<T, kColA>(kc, ap, lda, bp, out);
+          update_c(out, c, ldc, kMR, cols, acc);
         } else {
           micro<T, kColA>(kc, ap, lda, bp, out);
           update_c(out, c, ldc, kMR, cols, acc);
         }
       }
       if (mrem > 0) {
-        micro<T, true>(kc, edge, kMR, bp, out);
+        if (cols <= Vec<T>::size()) {
+          micro_half<T, true>(kc, edge, kMR, bp, out);
+        } else {
+          micro<T, true>(kc, edge, kMR, bp, out);
+        }
         update_c(out, C + mfull * kMR * ldc + jb * NR, ldc, mrem, cols, acc);
       }
     }
