@@ -496,9 +496,25 @@ template <typename S, typename A>
 void store_tile(const A* src, int64_t ld, int64_t rows, int64_t cols, S* dst, int64_t rs,
                 int64_t cs, A alpha) {
   if (rs == 1 && cs != 1) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    int64_t r_full = 0;
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+      // Whole 8 x 8 blocks: scaled into `blk`, then ATen's (AVX2) transpose into dst.
+      r_full = rows / 8 * 8;
+      const int64_t c_full = cols / 8 * 8;
+      alignas(64) float blk[64];
+      const Vec<A> av(alpha);
+      for (int64_t c0 = 0; c0 < c_full; c0 += 8)
+        for (int64_t r0 = 0; r0 < r_full; r0 += 8) {
+          for (int64_t i = 0; i < 8; ++i)
+            (Vec<A>::loadu(src + (r0 + i) * ld + c0, 8) * av).store(blk + i * 8, 8);
+          at::vec::transpose_mxn<float, 8, 8>(blk, 8, dst + c0 * cs + r0, cs);
+        }
+      for (int64_t c = c_full; c < cols; ++c)  // the last cols % 8 columns, rows < r_full
+        for (int64_t r = 0; r < r_full; ++r) dst[c * cs + r] = alpha * src[r * ld + c];
+    }
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // the rows from r_full on
       const int64_t cn = std::min<int64_t>(16, cols - c0);
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = r_full; r < rows; ++r) {
         const A* s = src + r * ld + c0;
         for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * cs + r] = static_cast<S>(alpha * s[c]);
       }
