@@ -157,7 +157,20 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
         for (int64_t j = 0; j < NR; ++j) dk_[j] = alpha * static_cast<A>(s[j]);
       }
     } else if (rs == 1 && cs != 1) {
-      for (int64_t kk0 = 0; kk0 < k; kk0 += 8) {
+      int64_t kk0 = 0;
+      if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+        if (cn == NR) {  // whole 8 x 8 blocks through ATen's (AVX2) transpose
+          for (; kk0 + 8 <= k; kk0 += 8) {
+            for (int64_t j0 = 0; j0 < NR; j0 += 8)
+              at::vec::transpose_mxn<float, 8, 8>(src + (c0 + j0) * cs + kk0, cs,
+                                                  d + kk0 * NR + j0, NR);
+            if (alpha != A(1))
+              for (int64_t i = 0; i < 8 * NR; i += Vec<A>::size())
+                (Vec<A>::loadu(d + kk0 * NR + i) * Vec<A>(alpha)).store(d + kk0 * NR + i);
+          }
+        }
+      }
+      for (; kk0 < k; kk0 += 8) {
         const int64_t kn = std::min<int64_t>(8, k - kk0);
         for (int64_t j = 0; j < NR; ++j) {
           if (j < cn) {
@@ -207,6 +220,24 @@ inline void micro(int64_t kc, const T* __restrict a, int64_t lda, const T* __res
     c0[r].store(out + r * NR);
     c1[r].store(out + r * NR + V);
   }
+}
+
+// out (kMR x kNR, row-major; only its first Vec<T>::size() columns are written) = A . B: the
+// last panel when it has at most one vector of columns (e.g. M = 196: 12 panels + 4 columns).
+// Each column is summed exactly as by `micro`.
+template <typename T, bool kColA>
+inline void micro_half(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                       T* __restrict out) {
+  constexpr int64_t NR = kNR<T>;
+  Vec<T> c0[kMR];
+  for (int r = 0; r < kMR; ++r) c0[r] = Vec<T>(T(0));
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const Vec<T> b0 = Vec<T>::loadu(b);
+    for (int r = 0; r < kMR; ++r) c0[r] = at::vec::fmadd(Vec<T>(kColA ? a[r] : a[r * lda]), b0, c0[r]);
+    a += kColA ? lda : 1;
+    b += NR;
+  }
+  for (int r = 0; r < kMR; ++r) c0[r].store(out + r * NR);
 }
 
 // C (a full kMR x kNR tile, ldc) = (or +=) A . B. The product is summed in registers from zero
@@ -275,13 +306,20 @@ void gemm_strided_a(int64_t m, int64_t n, int64_t k, const View<T>& A, const Pan
           } else {
             micro_full<T, kColA, false>(kc, ap, lda, bp, c, ldc);
           }
+        } else if (cols <= Vec<T>::size()) {
+          micro_half<T, kColA>(kc, ap, lda, bp, out);
+          update_c(out, c, ldc, kMR, cols, acc);
         } else {
           micro<T, kColA>(kc, ap, lda, bp, out);
           update_c(out, c, ldc, kMR, cols, acc);
         }
       }
       if (mrem > 0) {
-        micro<T, true>(kc, edge, kMR, bp, out);
+        if (cols <= Vec<T>::size()) {
+          micro_half<T, true>(kc, edge, kMR, bp, out);
+        } else {
+          micro<T, true>(kc, edge, kMR, bp, out);
+        }
         update_c(out, C + mfull * kMR * ldc + jb * NR, ldc, mrem, cols, acc);
       }
     }
@@ -458,9 +496,25 @@ template <typename S, typename A>
 void store_tile(const A* src, int64_t ld, int64_t rows, int64_t cols, S* dst, int64_t rs,
                 int64_t cs, A alpha) {
   if (rs == 1 && cs != 1) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    int64_t r_full = 0;
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
+      // Whole 8 x 8 blocks: scaled into `blk`, then ATen's (AVX2) transpose into dst.
+      r_full = rows / 8 * 8;
+      const int64_t c_full = cols / 8 * 8;
+      alignas(64) float blk[64];
+      const Vec<A> av(alpha);
+      for (int64_t c0 = 0; c0 < c_full; c0 += 8)
+        for (int64_t r0 = 0; r0 < r_full; r0 += 8) {
+          for (int64_t i = 0; i < 8; ++i)
+            (Vec<A>::loadu(src + (r0 + i) * ld + c0, 8) * av).store(blk + i * 8, 8);
+          at::vec::transpose_mxn<float, 8, 8>(blk, 8, dst + c0 * cs + r0, cs);
+        }
+      for (int64_t c = c_full; c < cols; ++c)  // the last cols % 8 columns, rows < r_full
+        for (int64_t r = 0; r < r_full; ++r) dst[c * cs + r] = alpha * src[r * ld + c];
+    }
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // the rows from r_full on
       const int64_t cn = std::min<int64_t>(16, cols - c0);
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = r_full; r < rows; ++r) {
         const A* s = src + r * ld + c0;
         for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * cs + r] = static_cast<S>(alpha * s[c]);
       }
@@ -589,7 +643,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
     } else {
       load_tile<S, A>(tsrc, ts1, ts2, bm, dk, q, dk, scale);
     }
-    std::fill(acc, acc + bm * dv, A(0));
+    // acc is overwritten by the first key tile's P g_j (no rescale before it), then added to.
     std::fill(mrow, mrow + bm, -std::numeric_limits<A>::infinity());
     std::fill(lrow, lrow + bm, 0.0);
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
@@ -608,12 +662,12 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
       // acc += P g_j
       if constexpr (kPacked) {
         const A* vp = static_cast<const A*>(plan.vp) + b * plan.v_bs;
-        gemm_panels<A>(bm, dv, bn, View<A>{s, LS, 1}, Panels<A>{vp, M, j0}, true, acc, dv,
+        gemm_panels<A>(bm, dv, bn, View<A>{s, LS, 1}, Panels<A>{vp, M, j0}, j0 > 0, acc, dv,
                        edge);
       } else {
         const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
                          plan.v.rs, plan.v.cs};
-        gemm(bm, dv, bn, View<A>{s, LS, 1}, vj, true, acc, dv);
+        gemm(bm, dv, bn, View<A>{s, LS, 1}, vj, j0 > 0, acc, dv);
       }
     }
     for (int64_t r = 0; r < bm; ++r) {
@@ -692,11 +746,16 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
     if (b != zero_cols_batch) {
+      // Per column, stop at its first nonzero entry (random data: one read per column; the
+      // full M x dv scan through a channels-first g's strides cost ~1% of the backward).
       g_nonzero.assign(size_t(dv), 0);
       const S* gb = gin + b * p.g_stride[0];
-      for (int64_t j = 0; j < M; ++j)
-        for (int64_t c = 0; c < dv; ++c)
-          g_nonzero[size_t(c)] |= static_cast<A>(gb[j * p.g_stride[1] + c * p.g_stride[2]]) != A(0);
+      for (int64_t c = 0; c < dv; ++c)
+        for (int64_t j = 0; j < M; ++j)
+          if (static_cast<A>(gb[j * p.g_stride[1] + c * p.g_stride[2]]) != A(0)) {
+            g_nonzero[size_t(c)] = 1;
+            break;
+          }
       zero_cols.clear();
       for (int64_t c = 0; c < dv; ++c)
         if (!g_nonzero[size_t(c)]) zero_cols.push_back(c);
@@ -704,9 +763,12 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
     }
     A* dkp = static_cast<A*>(plan.partial) + (b * G + grp) * M * (dk + dv);  // (M, dk)
     A* dvp = dkp + M * dk;                                                    // (M, dv)
-    std::fill(dkp, dkp + M * (dk + dv), A(0));
+    // The group's first query tile overwrites its partial dphi/dg (every row of both is written
+    // once per query tile), the others add to it: no zeroing pass over M x (dk + dv).
+    const int64_t qt_begin = grp * plan.tiles_per_group;
     const int64_t qt_end = std::min(plan.n_qtiles, (grp + 1) * plan.tiles_per_group);
-    for (int64_t qt = grp * plan.tiles_per_group; qt < qt_end; ++qt) {
+    for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
+      const bool acc_kv = qt > qt_begin;
       const int64_t i0 = qt * BM, bm = std::min(BM, N - i0);
       const S* tsrc = theta + b * p.theta_stride[0] + i0 * ts1;
       const S* dysrc = dy + b * p.dy_stride[0] + i0 * ds1;
@@ -737,7 +799,8 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
           gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
           for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
           // dg_j += P^T dy
-          gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, true, dvp + j0 * dv, dv, edge);
+          gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, acc_kv, dvp + j0 * dv, dv,
+                         edge);
           // dP = dy g_j^T
           gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, LS, edge);
         } else {
@@ -747,7 +810,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
                            plan.v.rs, plan.v.cs};
           gemm(bm, bn, dk, qv, kj.t(), false, s, LS);
           for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
-          gemm(bn, dv, bm, pt, dyv, true, dvp + j0 * dv, dv);
+          gemm(bn, dv, bm, pt, dyv, acc_kv, dvp + j0 * dv, dv);
           gemm(bm, bn, dv, dyv, vj.t(), false, dp, LS);
         }
         for (int64_t r = 0; r < bm; ++r)  // key tiles in order: deterministic
@@ -763,7 +826,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       // Pass 2: dS = P * (dP - D); dphi_j += dS^T (scale theta); dtheta += dS phi_j (times
       // scale when written). Key tiles in reverse order: the last ones of pass 1 are still in
       // cache.
-      std::fill(dq, dq + bm * LQ, A(0));
+      // dq: overwritten by the first key tile of this pass (the last one), then added to.
       for (int64_t jt = n_ktiles - 1; jt >= 0; --jt) {
         const int64_t j0 = jt * BN, bn = std::min(BN, M - j0);
         const A* s = s_all + (j0 / BN) * BM * LS;
@@ -772,13 +835,15 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
         if constexpr (kPacked) {
           const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
-          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, true, dkp + j0 * dk, dk, edge);
-          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, true, dq, LQ, edge);
+          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, acc_kv, dkp + j0 * dk, dk,
+                         edge);
+          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, jt < n_ktiles - 1, dq, LQ,
+                         edge);
         } else {
           const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
                            plan.k.rs, plan.k.cs};
-          gemm(bn, dk, bm, dst, qv, true, dkp + j0 * dk, dk);
-          gemm(bm, dk, bn, ds, kj, true, dq, LQ);
+          gemm(bn, dk, bm, dst, qv, acc_kv, dkp + j0 * dk, dk);
+          gemm(bm, dk, bn, ds, kj, jt < n_ktiles - 1, dq, LQ);
         }
       }
       store_tile<S, A>(dq, LQ, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
@@ -796,24 +861,32 @@ void reduce_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t ro
   const A* part = static_cast<const A*>(plan.partial);
   S* dphi = static_cast<S*>(p.dphi);
   S* dg = static_cast<S*>(p.dg);
-  Buf<A> sumb(std::max<int64_t>({dk, dv, 1}));
+  // Blocks of up to kRows rows of one batch: summed into a row-major tile, then stored with
+  // store_tile (column blocks for a channels-first dphi / dg, instead of one strided pass per
+  // row that touches a new cache line per element).
+  constexpr int64_t kRows = 64;
+  Buf<A> sumb(size_t(kRows * std::max<int64_t>({dk, dv, 1})));
   A* sum = sumb.get();
-  for (int64_t row = row0; row < row1; ++row) {
-    const int64_t b = row / M, j = row % M;
+  for (int64_t r = row0; r < row1;) {
+    const int64_t b = r / M, j0 = r % M, rows = std::min({kRows, row1 - r, M - j0});
     for (int pass = 0; pass < 2; ++pass) {
       const int64_t d = pass == 0 ? dk : dv;
-      const int64_t off = pass == 0 ? j * dk : M * dk + j * dv;
-      const A* src = part + b * G * M * (dk + dv) + off;
-      std::copy(src, src + d, sum);
+      const int64_t off = pass == 0 ? j0 * dk : M * dk + j0 * dv;
+      const A* src = part + b * G * M * (dk + dv) + off;  // rows x d, contiguous
+      std::copy(src, src + rows * d, sum);
       for (int64_t g = 1; g < G; ++g) {  // fixed order: deterministic
         const A* sg = src + g * M * (dk + dv);
-        for (int64_t c = 0; c < d; ++c) sum[c] += sg[c];
+        for (int64_t c = 0; c < rows * d; ++c) sum[c] += sg[c];
       }
-      S* out = pass == 0 ? dphi + b * p.dphi_stride[0] + j * p.dphi_stride[1]
-                         : dg + b * p.dg_stride[0] + j * p.dg_stride[1];
-      const int64_t cs = pass == 0 ? p.dphi_stride[2] : p.dg_stride[2];
-      for (int64_t c = 0; c < d; ++c) out[c * cs] = static_cast<S>(sum[c]);
+      if (pass == 0) {
+        store_tile<S, A>(sum, d, rows, d, dphi + b * p.dphi_stride[0] + j0 * p.dphi_stride[1],
+                         p.dphi_stride[1], p.dphi_stride[2], A(1));
+      } else {
+        store_tile<S, A>(sum, d, rows, d, dg + b * p.dg_stride[0] + j0 * p.dg_stride[1],
+                         p.dg_stride[1], p.dg_stride[2], A(1));
+      }
     }
+    r += rows;
   }
 }
 
