@@ -59,4 +59,24 @@ inline void set_strides3(int64_t* dst, const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
+// The params struct for validated theta (B, N, dk), phi (B, M, dk), g (B, M, dv): sizes, input
+// pointers and strides; every other field zero (outputs are set by the caller).
+inline NonlocalSoftmaxParams softmax_params(const at::Tensor& theta, const at::Tensor& phi,
+                                            const at::Tensor& g, double scale) {
+  NonlocalSoftmaxParams p{};
+  p.B = theta.size(0);
+  p.N = theta.size(1);
+  p.M = phi.size(1);
+  p.dk = theta.size(2);
+  p.dv = g.size(2);
+  p.scale = static_cast<float>(scale);
+  p.theta = theta.const_data_ptr();
+  p.phi = phi.const_data_ptr();
+  p.g = g.const_data_ptr();
+  set_strides3(p.theta_stride, theta);
+  set_strides3(p.phi_stride, phi);
+  set_strides3(p.g_stride, g);
+  return p;
+}
+
 }  // namespace nonlocal_kernels

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -191,23 +190,6 @@ int64_t split_per_batch(int64_t B) {
   return threads / std::gcd(B, threads);
 }
 
-void fill_common(NonlocalSoftmaxParams& p, const at::Tensor& theta, const at::Tensor& phi,
-                 const at::Tensor& g, double scale) {
-  std::memset(&p, 0, sizeof(p));
-  p.B = theta.size(0);
-  p.N = theta.size(1);
-  p.M = phi.size(1);
-  p.dk = theta.size(2);
-  p.dv = g.size(2);
-  p.scale = static_cast<float>(scale);
-  p.theta = theta.data_ptr();
-  p.phi = phi.data_ptr();
-  p.g = g.data_ptr();
-  set_strides3(p.theta_stride, theta);
-  set_strides3(p.phi_stride, phi);
-  set_strides3(p.g_stride, g);
-}
-
 void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
   check_softmax_inputs(theta, phi, g);
   TORCH_CHECK(theta.device().is_cpu(), "theta: expected a CPU tensor, got ", theta.device());
@@ -224,8 +206,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   at::Tensor lse = new_output({B, N}, theta.options().dtype(lse_dtype(theta.scalar_type())));
   if (B == 0 || N == 0) return {y, lse};
 
-  NonlocalSoftmaxParams p;
-  fill_common(p, theta, phi, g, scale);
+  NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   p.y = y.data_ptr();
   p.lse = lse.data_ptr();
   set_strides3(p.y_stride, y);
@@ -284,8 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
     return {dtheta, dphi, dg};
   }
 
-  NonlocalSoftmaxParams p;
-  fill_common(p, theta, phi, g, scale);
+  NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   p.y = const_cast<void*>(y.data_ptr());
   p.lse = const_cast<void*>(lse.data_ptr());
   set_strides3(p.y_stride, y);

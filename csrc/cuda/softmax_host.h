@@ -27,24 +27,6 @@ inline SoftmaxLaunchFn pick_softmax_kernel(const SoftmaxKernels& k, at::ScalarTy
   }
 }
 
-inline NonlocalSoftmaxParams softmax_params(const at::Tensor& theta, const at::Tensor& phi,
-                                            const at::Tensor& g, double scale) {
-  NonlocalSoftmaxParams p{};
-  p.B = theta.size(0);
-  p.N = theta.size(1);
-  p.M = phi.size(1);
-  p.dk = theta.size(2);
-  p.dv = g.size(2);
-  p.scale = static_cast<float>(scale);
-  p.theta = theta.const_data_ptr();
-  p.phi = phi.const_data_ptr();
-  p.g = g.const_data_ptr();
-  set_strides3(p.theta_stride, theta);
-  set_strides3(p.phi_stride, phi);
-  set_strides3(p.g_stride, g);
-  return p;
-}
-
 inline void set_y_lse(NonlocalSoftmaxParams& p, const at::Tensor& y, const at::Tensor& lse) {
   set_strides3(p.y_stride, y);
   p.lse_stride[0] = lse.stride(0);
