@@ -79,4 +79,46 @@ inline NonlocalSoftmaxParams softmax_params(const at::Tensor& theta, const at::T
   return p;
 }
 
+// Points p at the forward outputs y (B, N, dv) and lse (B, N).
+inline void set_y_lse(NonlocalSoftmaxParams& p, const at::Tensor& y, const at::Tensor& lse) {
+  p.y = const_cast<void*>(y.const_data_ptr());
+  p.lse = const_cast<void*>(lse.const_data_ptr());
+  set_strides3(p.y_stride, y);
+  p.lse_stride[0] = lse.stride(0);
+  p.lse_stride[1] = lse.stride(1);
+}
+
+// Points p at dy and at the gradients the backward writes.
+inline void set_backward_tensors(NonlocalSoftmaxParams& p, const at::Tensor& dy,
+                                 const at::Tensor& dtheta, const at::Tensor& dphi,
+                                 const at::Tensor& dg) {
+  p.dy = dy.const_data_ptr();
+  set_strides3(p.dy_stride, dy);
+  p.dtheta = dtheta.mutable_data_ptr();
+  p.dphi = dphi.mutable_data_ptr();
+  p.dg = dg.mutable_data_ptr();
+  set_strides3(p.dtheta_stride, dtheta);
+  set_strides3(p.dphi_stride, dphi);
+  set_strides3(p.dg_stride, dg);
+}
+
+// softmax_bwd's dy, y, lse against theta, phi, g (already checked by check_softmax_inputs).
+inline void check_softmax_bwd_inputs(const at::Tensor& dy, const at::Tensor& theta,
+                                     const at::Tensor& g, const at::Tensor& y,
+                                     const at::Tensor& lse, const char* op) {
+  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N && dy.size(2) == dv, op,
+              ": dy: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", dy.sizes());
+  TORCH_CHECK(y.sizes() == dy.sizes(), op, ": y: expected ", dy.sizes(), ", got ", y.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == N, op,
+              ": lse: expected (B, N) = (", B, ", ", N, "), got ", lse.sizes());
+  TORCH_CHECK(dy.scalar_type() == theta.scalar_type() && y.scalar_type() == theta.scalar_type(),
+              op, ": dy, y: expected dtype ", theta.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(theta.scalar_type()), op, ": lse: expected dtype ",
+              lse_dtype(theta.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK(dy.device() == theta.device() && y.device() == theta.device() &&
+                  lse.device() == theta.device(),
+              op, ": dy, y, lse: expected device ", theta.device());
+}
+
 }  // namespace nonlocal_kernels

@@ -80,14 +80,6 @@ DType to_dtype(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Like new_output, but with the sizes and (dense) strides of `like`, as torch.empty_like: the
-// fake implementation of softmax_bwd returns empty_like(theta) etc.
-at::Tensor new_output_like(const at::Tensor& like) {
-  at::Tensor t = at::empty_like(like, at::MemoryFormat::Preserve);
-  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
 // GEMM path: the Vectorized panel GEMM ("vec", default) or BLAS on tiles ("blas").
 bool use_packed_path() {
   std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
@@ -207,11 +199,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   if (B == 0 || N == 0) return {y, lse};
 
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
-  p.y = y.data_ptr();
-  p.lse = lse.data_ptr();
-  set_strides3(p.y_stride, y);
-  p.lse_stride[0] = lse.stride(0);
-  p.lse_stride[1] = lse.stride(1);
+  set_y_lse(p, y, lse);
 
   const KernelTable& kt = kernels();
   CpuPlan plan{};
@@ -242,18 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
                 dv = g.size(2);
-  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N && dy.size(2) == dv,
-              "dy: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", dy.sizes());
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == B && y.size(1) == N && y.size(2) == dv,
-              "y: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", y.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == N,
-              "lse: expected (B, N) = (", B, ", ", N, "), got ", lse.sizes());
-  TORCH_CHECK(dy.scalar_type() == theta.scalar_type() && y.scalar_type() == theta.scalar_type(),
-              "dy, y: expected dtype ", theta.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(theta.scalar_type()), "lse: expected dtype ",
-              lse_dtype(theta.scalar_type()), ", got ", lse.scalar_type());
-  TORCH_CHECK(dy.device().is_cpu() && y.device().is_cpu() && lse.device().is_cpu(),
-              "dy, y, lse: expected CPU tensors");
+  check_softmax_bwd_inputs(dy, theta, g, y, lse, "softmax_bwd");
 
   at::Tensor dtheta = new_output_like(theta);
   at::Tensor dphi = new_output_like(phi);
@@ -266,19 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   }
 
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
-  p.y = const_cast<void*>(y.data_ptr());
-  p.lse = const_cast<void*>(lse.data_ptr());
-  set_strides3(p.y_stride, y);
-  p.lse_stride[0] = lse.stride(0);
-  p.lse_stride[1] = lse.stride(1);
-  p.dy = dy.data_ptr();
-  set_strides3(p.dy_stride, dy);
-  p.dtheta = dtheta.data_ptr();
-  p.dphi = dphi.data_ptr();
-  p.dg = dg.data_ptr();
-  set_strides3(p.dtheta_stride, dtheta);
-  set_strides3(p.dphi_stride, dphi);
-  set_strides3(p.dg_stride, dg);
+  set_y_lse(p, y, lse);
+  set_backward_tensors(p, dy, dtheta, dphi, dg);
 
   const KernelTable& kt = kernels();
   CpuPlan plan{};

@@ -27,11 +27,6 @@ inline SoftmaxLaunchFn pick_softmax_kernel(const SoftmaxKernels& k, at::ScalarTy
   }
 }
 
-inline void set_y_lse(NonlocalSoftmaxParams& p, const at::Tensor& y, const at::Tensor& lse) {
-  set_strides3(p.y_stride, y);
-  p.lse_stride[0] = lse.stride(0);
-  p.lse_stride[1] = lse.stride(1);
-}
 
 // stream: the cudaStream_t to launch on (nullptr for the emulator).
 inline std::tuple<at::Tensor, at::Tensor> cuda_softmax_fwd(const SoftmaxKernels& kernels,
@@ -47,8 +42,6 @@ inline std::tuple<at::Tensor, at::Tensor> cuda_softmax_fwd(const SoftmaxKernels&
   at::Tensor y = new_output({theta.size(0), theta.size(1), g.size(2)}, g.options());
   at::Tensor lse = new_output({theta.size(0), theta.size(1)}, theta.options().dtype(at::kFloat));
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
-  p.y = y.mutable_data_ptr();
-  p.lse = lse.mutable_data_ptr();
   set_y_lse(p, y, lse);
   const char* err = fn(p, stream);
   TORCH_CHECK(err == nullptr, op, ": kernel failed: ", err);
@@ -61,19 +54,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_softmax_bwd(
     double scale, void* stream, const char* op) {
   check_softmax_inputs(theta, phi, g);
   TORCH_CHECK(phi.size(1) > 0, op, ": phi: M must be at least 1, got shape ", phi.sizes());
-  const auto B = theta.size(0), N = theta.size(1), dv = g.size(2);
-  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == B && dy.size(1) == N && dy.size(2) == dv, op,
-              ": dy: expected (B, N, dv) = (", B, ", ", N, ", ", dv, "), got ", dy.sizes());
-  TORCH_CHECK(y.sizes() == dy.sizes(), op, ": y: expected ", dy.sizes(), ", got ", y.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == N, op,
-              ": lse: expected (B, N) = (", B, ", ", N, "), got ", lse.sizes());
-  TORCH_CHECK(dy.scalar_type() == theta.scalar_type() && y.scalar_type() == theta.scalar_type(),
-              op, ": dy, y: expected dtype ", theta.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse: expected float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(dy.device() == theta.device() && y.device() == theta.device() &&
-                  lse.device() == theta.device(),
-              op, ": dy, y, lse: expected device ", theta.device());
+  check_softmax_bwd_inputs(dy, theta, g, y, lse, op);
+  const auto B = theta.size(0), N = theta.size(1);
   const SoftmaxLaunchFn fn =
       pick_softmax_kernel(kernels, theta.scalar_type(), at::globalContext().allowTF32CuBLAS(),
                           true, op);
@@ -82,17 +64,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_softmax_bwd(
   at::Tensor dg = new_output_like(g);
   at::Tensor workspace = at::empty({3, B, N}, theta.options().dtype(at::kFloat));
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
-  p.y = const_cast<void*>(y.const_data_ptr());
-  p.lse = const_cast<void*>(lse.const_data_ptr());
   set_y_lse(p, y, lse);
-  p.dy = dy.const_data_ptr();
-  set_strides3(p.dy_stride, dy);
-  p.dtheta = dtheta.mutable_data_ptr();
-  p.dphi = dphi.mutable_data_ptr();
-  p.dg = dg.mutable_data_ptr();
-  set_strides3(p.dtheta_stride, dtheta);
-  set_strides3(p.dphi_stride, dphi);
-  set_strides3(p.dg_stride, dg);
+  set_backward_tensors(p, dy, dtheta, dphi, dg);
   p.workspace = workspace.mutable_data_ptr();
   const char* err = fn(p, stream);
   TORCH_CHECK(err == nullptr, op, ": kernel failed: ", err);
