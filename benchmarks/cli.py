@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .cases import PRESETS, parse_shape
-from .runner import measure, measure_in_subprocess
+from .runner import measure, measure_in_subprocess, time_interleaved
 
 MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
@@ -112,9 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA "
                    "default), float16, float64")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per step (median)")
-    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per step; "
-                   "stops repeating early past it")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per step (median); a "
+                   "round calls every method once")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds per step before the "
+                   "timed ones")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per step "
+                   "and method; stops repeating early past it")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per CPU case process")
     p.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space limit of a "
                    "CPU case process; beyond it the case is reported as OOM")
@@ -126,6 +129,7 @@ def parse_args(argv=None):
         args.preset = args.preset or "quick"
         args.repeats = min(args.repeats, 3)
         args.budget = min(args.budget, 3.0)
+        args.warmup = min(args.warmup, 1)
     if not args.preset and not args.shape:
         p.error("give --quick, --preset or --shape")
     return args
@@ -152,25 +156,39 @@ def main(argv=None) -> int:
 
     rows = []
     for case in cases:
-        for method in methods:
-            spec = {"case": [case.B, case.N, case.M, case.dk, case.dv], "method": method,
-                    "mode": args.mode, "dtype": dtype, "device": str(device),
-                    "repeats": args.repeats, "budget_s": args.budget}
+        common = {"case": [case.B, case.N, case.M, case.dk, case.dv], "mode": args.mode,
+                  "dtype": dtype, "device": str(device)}
+        case_rows = {}
+        for method in methods:  # peak memory: one process per (method, step) on CPU
             row = {"shape": case.shape, "label": case.label, "N": case.N, "method": method,
                    "fwd_flops": case.fwd_flops(), "fwd_bwd_flops": case.fwd_bwd_flops(),
                    "status": "ok"}
             for step in steps:
-                if device.type == "cuda":
-                    res = measure(dict(spec, steps=[step]))
-                else:
-                    res = measure_in_subprocess(dict(spec, steps=[step]), args.timeout,
-                                                args.mem_limit_gb)
+                spec = dict(common, method=method, steps=[step])
+                res = (measure(spec) if device.type == "cuda" else
+                       measure_in_subprocess(spec, args.timeout, args.mem_limit_gb))
                 status = res.pop("status")
                 row.update(res)
                 if status != "ok":
                     row["status"] = f"{step}: {status}"
+            case_rows[method] = row
+        for step in steps:  # time: the methods that ran, side by side in rounds
+            ok = [m for m in methods if not case_rows[m]["status"].startswith(f"{step}:")]
+            if not ok:
+                continue
+            spec = dict(common, methods=ok, step=step, repeats=args.repeats,
+                        warmup=args.warmup, budget_s=args.budget)
+            res = (time_interleaved(spec) if device.type == "cuda" else
+                   measure_in_subprocess(spec, args.timeout * len(ok), args.mem_limit_gb))
+            for m in ok:
+                r = res.get(m, {"status": res.get("status", "no result")})
+                status = r.pop("status", "ok")
+                case_rows[m].update(r)
+                if status != "ok" and case_rows[m]["status"] == "ok":
+                    case_rows[m]["status"] = f"{step} timing: {status}"
+        for row in case_rows.values():
             rows.append(row)
-            print(f"  {case.shape} {method}: fwd {_fmt_ms(row.get('fwd_ms'))} ms, fwd+bwd "
+            print(f"  {case.shape} {row['method']}: fwd {_fmt_ms(row.get('fwd_ms'))} ms, fwd+bwd "
                   f"{_fmt_ms(row.get('fwd_bwd_ms'))} ms, peak "
                   f"{_fmt_mb(row.get('peak_fwd_bwd_bytes') or row.get('peak_fwd_bytes'))} MB "
                   f"[{row['status']}]", flush=True)
@@ -178,7 +196,9 @@ def main(argv=None) -> int:
     table = format_table(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"mode `{args.mode}`, dtype {dtype}, device {device.type}, {stamp}\n\n"
-              f"Machine: {machine}\n\nTimes are medians after a warm-up; peak memory is the "
+              f"Machine: {machine}\n\nTimes are medians over rounds that call every method "
+              f"once on the same inputs (order rotated each round), after {args.warmup} warm-up "
+              f"rounds; peak memory is the "
               f"growth over the inputs (CPU: peak RSS of a fresh process per case; CUDA: "
               f"max_memory_allocated). TFLOP/s count 2·N·M·(dk+dv) per batch forward, 3.5x "
               f"that forward+backward.\n")

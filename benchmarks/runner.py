@@ -1,12 +1,18 @@
-"""Measure one (shape, method): forward and forward+backward median time and peak memory.
+"""Measure a benchmark case: peak memory per (shape, method, step), then the times of all
+methods of the case side by side.
 
-CPU cases run in a fresh process each (``python -m benchmarks.runner SPEC_JSON``), so the peak
-RSS belongs to that case alone; the process gets an address-space limit so that a case too big
-for the machine fails with an allocation error (reported as OOM) instead of taking the machine
-down. CUDA cases run in-process and read torch.cuda.max_memory_allocated.
+Peak memory: CPU cases run in a fresh process each (``python -m benchmarks.runner SPEC_JSON``),
+so the peak RSS belongs to that case alone; the process gets an address-space limit so that a
+case too big for the machine fails with an allocation error (reported as OOM) instead of taking
+the machine down. CUDA cases run in-process and read torch.cuda.max_memory_allocated. Peak memory
+is reported as the growth over what the inputs already hold, i.e. the extra memory the method
+needs (for forward+backward that includes the input gradients).
 
-Peak memory is reported as the growth over what the inputs already hold, i.e. the extra memory
-the method needs (for forward+backward that includes the input gradients).
+Time (:func:`time_interleaved`): every method that ran within memory is timed in one process on
+the same inputs, in rounds of one call per method (the order rotated every round), after warm-up
+rounds; the result is each method's median over the rounds. A shared machine drifts in speed by
+tens of percent within a minute, which a method-after-method protocol charges to whichever
+method ran in the slow moment; in rounds every method sees the same drift.
 """
 
 from __future__ import annotations
@@ -42,99 +48,174 @@ def _is_oom(exc: BaseException) -> bool:
         or "cannot allocate memory" in text
 
 
-def _timed(fn, device: torch.device, repeats: int, budget_s: float) -> float:
-    """Median milliseconds of fn() over up to `repeats` runs within ~budget_s (at least one)."""
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+def _timed_call(fn, device: torch.device) -> float:
+    """Milliseconds of one fn() call (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+class _Problem:
+    """The inputs of one case (fresh random data) and its steps for a given method."""
+
+    def __init__(self, spec: dict):
+        from nonlocal_kernels.testing import make_inputs
+
+        self.case = Case(*spec["case"])
+        self.device = torch.device(spec["device"])
+        self.dtype = getattr(torch, spec["dtype"])
+        self.mode = spec["mode"]
+        self.scale = (self.case.dk ** -0.5
+                      if self.mode in ("embedded_gaussian", "gaussian") else None)
+        self._make_inputs = make_inputs
+        self.leaves = None
+
+    def prime(self, fn) -> None:
+        """One call on a tiny problem (thread pools, the autograd engine, lazy library loads),
+        so that their one-off memory is not charged to the case."""
+        c = self.case
+        small = self._make_inputs(1, 16, 16, c.dk, c.dv, dtype=self.dtype, device=self.device,
+                                  with_concat=self.mode == "concatenation")
+        small = [t.detach().requires_grad_() for t in small]
+        fn(*small[:3], small[3] if len(small) > 3 else None, self.mode, self.scale).sum().backward()
+
+    def allocate(self) -> None:
+        c = self.case
+        theta, phi, g, *w = self._make_inputs(c.B, c.N, c.M, c.dk, c.dv, dtype=self.dtype,
+                                              device=self.device,
+                                              with_concat=self.mode == "concatenation")
+        self.inputs = (theta, phi, g)
+        self.leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
+        self.w = w[0].detach().requires_grad_() if w else None
+        self.dy = torch.randn(c.B, c.N, c.dv, dtype=self.dtype, device=self.device)
+
+    def step(self, fn, step: str):
+        if step == "fwd":
+            def fwd():
+                with torch.no_grad():
+                    return fn(*self.inputs, self.w, self.mode, self.scale)
+            return fwd
+
+        def fwd_bwd():
+            for t in self.leaves + ([self.w] if self.w is not None else []):
+                t.grad = None
+            fn(*self.leaves, self.w, self.mode, self.scale).backward(self.dy)
+        return fwd_bwd
+
+
+def _error_status(exc: BaseException, device: torch.device) -> str:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if _is_oom(exc):
+        return "OOM"
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
 def measure(spec: dict) -> dict:
-    """spec: case (B,N,M,dk,dv), method, mode, dtype, device, repeats, budget_s and steps (a
-    list of "fwd" and/or "fwd_bwd"; CPU runs one step per process so each peak is its own)."""
-    from nonlocal_kernels.testing import make_inputs
-
+    """Peak memory of one method. spec: case (B,N,M,dk,dv), method, mode, dtype, device and
+    steps (a list of "fwd" and/or "fwd_bwd"; CPU runs one step per process so each peak is its
+    own). The step runs once, which is also the warm-up of a later timing in the same process."""
     from .baselines import get_method
 
-    case = Case(*spec["case"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    mode = spec["mode"]
+    problem = _Problem(spec)
+    device = problem.device
     fn = get_method(spec["method"])
-    scale = case.dk ** -0.5 if mode in ("embedded_gaussian", "gaussian") else None
     result = {"status": "ok"}
     try:
-        # Prime once on a tiny problem (thread pools, the autograd engine, lazy library loads),
-        # so their one-off memory is not charged to the case.
-        small = make_inputs(1, 16, 16, case.dk, case.dv, dtype=dtype, device=device,
-                            with_concat=mode == "concatenation")
-        small = [t.detach().requires_grad_() for t in small]
-        fn(*small[:3], small[3] if len(small) > 3 else None, mode, scale).sum().backward()
-        del small
-        theta, phi, g, *w = make_inputs(case.B, case.N, case.M, case.dk, case.dv, dtype=dtype,
-                                        device=device, with_concat=mode == "concatenation")
-        w = w[0] if w else None
-        leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
-        if w is not None:
-            w = w.detach().requires_grad_()
-        dy = torch.randn(case.B, case.N, case.dv, dtype=dtype, device=device)
+        problem.prime(fn)
+        problem.allocate()
 
-        def fwd():
-            with torch.no_grad():
-                return fn(theta, phi, g, w, mode, scale)
-
-        def fwd_bwd():
-            for t in leaves + ([w] if w is not None else []):
-                t.grad = None
-            fn(*leaves, w, mode, scale).backward(dy)
-
-        def peak_of(step):
+        def peak_of(run):
             if device.type == "cuda":
                 # Warm-up first: JIT compilation and autotuning (Triton's benchmarking allocates
                 # its own cache-flush buffer) must not count as the method's memory.
-                step()
+                run()
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-                step()
+                run()
                 torch.cuda.synchronize(device)
                 return torch.cuda.max_memory_allocated(device) - base
             base = _current_rss()
-            step()  # also the warm-up
+            run()
             return max(_peak_rss() - base, 0)
 
         from nonlocal_kernels.backends import fast
         for step in spec["steps"]:
-            run = fwd if step == "fwd" else fwd_bwd
             # The fast backend's debug hook says which exact path ran (e.g. dot_product
             # "reordered" or "naive" by its cost model); kept in the row as "path".
             with fast.record_paths() as taken:
-                result[f"peak_{step}_bytes"] = peak_of(run)
-                result[f"{step}_ms"] = _timed(run, device, spec["repeats"], spec["budget_s"])
+                result[f"peak_{step}_bytes"] = peak_of(problem.step(fn, step))
             if taken:
                 result["path"] = taken[-1][1]
     except Exception as exc:  # reported in the table, never dropped
-        if _is_oom(exc):
-            result["status"] = "OOM"
-        else:
-            result["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        result["status"] = _error_status(exc, device)
     return result
 
 
+def time_interleaved(spec: dict) -> dict:
+    """Median milliseconds of each method's step, timed side by side on the same inputs.
+
+    spec: case, methods, mode, dtype, device, step ("fwd" or "fwd_bwd"), repeats (timed
+    rounds), warmup (untimed rounds) and budget_s (seconds of timed rounds per method; at least
+    one round runs). A round calls every method once, in an order rotated by one each round.
+    Returns {method: {"<step>_ms": float} or {"status": "..."}} (a method that fails is dropped
+    from the later rounds and reported).
+
+    The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
+    sdpa and ours alike) were measured 15-50% slower than the later ones."""
+    from .baselines import get_method
+
+    problem = _Problem(spec)
+    device, step = problem.device, spec["step"]
+    methods = list(spec["methods"])
+    out = {m: {} for m in methods}
+    runs = {}
+    for m in methods:
+        try:
+            fn = get_method(m)
+            problem.prime(fn)
+            runs[m] = fn
+        except Exception as exc:
+            out[m]["status"] = _error_status(exc, device)
+    if not runs:
+        return out
+    problem.allocate()
+    runs = {m: problem.step(fn, step) for m, fn in runs.items()}
+    times = {m: [] for m in runs}
+    budget_s = spec["budget_s"] * len(runs)
+    rounds = spec.get("warmup", 3) + max(1, spec["repeats"])
+    start = None
+    for r in range(rounds):
+        if r == spec.get("warmup", 3):
+            start = time.perf_counter()
+        order = list(runs)
+        k = r % len(order)
+        for m in order[k:] + order[:k]:
+            try:
+                t = _timed_call(runs[m], device)
+            except Exception as exc:
+                out[m]["status"] = _error_status(exc, device)
+                del runs[m]
+                continue
+            if start is not None:
+                times[m].append(t)
+        if not runs or (start is not None and time.perf_counter() - start > budget_s):
+            break
+    for m, ts in times.items():
+        if ts and "status" not in out[m]:
+            out[m][f"{step}_ms"] = statistics.median(ts)
+            out[m][f"{step}_rounds"] = len(ts)
+    return out
+
+
 def measure_in_subprocess(spec: dict, timeout_s: float, mem_limit_gb: float) -> dict:
+    """measure(spec), or time_interleaved(spec) when spec names "methods", in a fresh process."""
     env = dict(os.environ, NONLOCAL_KERNELS_BENCH_MEM_LIMIT_GB=str(mem_limit_gb))
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", json.dumps(spec)],
@@ -159,7 +240,8 @@ def _main(argv: list) -> None:
         nbytes = int(limit * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
-    print(RESULT_TAG + json.dumps(measure(spec)), flush=True)
+    result = time_interleaved(spec) if "methods" in spec else measure(spec)
+    print(RESULT_TAG + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,27 @@ def test_cli_rejects_bad_arguments(tmp_path, args, match):
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path), *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and match in out.stderr
+
+
+def test_interleaved_timing_reports_a_failing_method_and_times_the_others(monkeypatch):
+    from benchmarks import baselines
+    from benchmarks.runner import time_interleaved
+
+    calls = []
+
+    def fails_on_the_case(theta, phi, g, w, mode, scale):
+        calls.append(theta.shape[1])
+        if theta.shape[1] > 16:  # the tiny priming problem (N = 16) passes, the case fails
+            raise RuntimeError("planted failure")
+        return theta @ phi.transpose(1, 2) @ g
+
+    monkeypatch.setitem(baselines.BASELINES, "planted",
+                        (fails_on_the_case, None, ("cpu",), "fails on the case"))
+    spec = {"case": [1, 40, 24, 8, 8], "mode": "embedded_gaussian", "dtype": "float32",
+            "device": "cpu", "methods": ["naive", "planted", "sdpa"], "step": "fwd_bwd",
+            "repeats": 4, "warmup": 1, "budget_s": 10.0}
+    res = time_interleaved(spec)
+    assert res["planted"] == {"status": "error: RuntimeError: planted failure"}
+    assert calls == [16, 40]  # dropped after its failure, not called in later rounds
+    for m in ("naive", "sdpa"):
+        assert res[m]["fwd_bwd_ms"] > 0 and res[m]["fwd_bwd_rounds"] == 4
