@@ -176,10 +176,34 @@ void run_tasks(int64_t ntasks, const F& worker) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
 }
 
-// Threads per batch that the tasks of one batch should feed: T / gcd(B, T).
-int64_t split_per_batch(int64_t B) {
+// Query-tile groups per batch of the backward, each with its own partial dphi/dg
+// (M x (dk + dv)): about two tasks (B * G) per thread, so that the dynamic scheduling can even
+// out a slow thread, while all partial sums together stay under 256 MiB. The result depends on
+// G, hence on the thread count, but is bit-identical run to run.
+int64_t backward_groups(int64_t B, int64_t M, int64_t dk, int64_t dv, int64_t esize) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return threads / std::gcd(B, threads);
+  int64_t G = std::max<int64_t>(1, (2 * threads + B - 1) / B);
+  if (G > 1) G = (G + 1) / 2 * 2;
+  const int64_t per_group = B * M * (dk + dv) * esize;
+  while (G > 1 && G * per_group > (int64_t(256) << 20)) --G;
+  return G;
+}
+
+// The query tiling, the same in the forward and the backward: the number of query tiles per
+// batch is a multiple of the threads each batch should feed (T / gcd(B, T), so the forward's
+// B * n_qtiles tasks divide evenly) and of the backward's groups. One tiling for both keeps
+// the backward's recomputed S bit for bit the forward's on the BLAS path too, whose sgemm may
+// round differently for a different number of rows (S of the forward and of the backward then
+// differ, P = exp(S - lse) no longer cancels lse's rounding, and dtheta/dphi lost up to 3x the
+// tolerance in about 1 draw in 600).
+void choose_query_tiles(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+                        CpuPlan& plan) {
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t split = threads / std::gcd(B, threads);
+  const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
+  plan.groups = backward_groups(B, M, theta.size(2), g.size(2), esize);
+  choose_tiles(N, M, std::lcm(split, plan.groups), plan);
 }
 
 void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
@@ -207,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   plan.scale = scale;
   plan.packed = use_packed_path();
   plan.use_blas = !plan.packed;
-  choose_tiles(p.N, p.M, split_per_batch(B), plan);
+  choose_query_tiles(theta, phi, g, plan);
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
@@ -253,18 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   plan.packed = use_packed_path();
   plan.use_blas = !plan.packed;
 
-  // Query-tile groups per batch, each with its own partial dphi/dg (M x (dk + dv)): about two
-  // tasks (B * G) per thread, so that the dynamic scheduling can even out a slow thread, while
-  // all partial sums together stay under 256 MiB. The result depends on G, hence on the thread
-  // count, but is bit-identical run to run.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t G = std::max<int64_t>(1, (2 * threads + B - 1) / B);
-  if (G > 1) G = (G + 1) / 2 * 2;
-  const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
-  const int64_t per_group = B * M * (dk + dv) * esize;
-  while (G > 1 && G * per_group > (int64_t(256) << 20)) --G;
-  choose_tiles(N, M, G, plan);
-  G = std::max<int64_t>(1, std::min(G, plan.n_qtiles));
+  choose_query_tiles(theta, phi, g, plan);
+  const int64_t G = std::max<int64_t>(1, std::min(plan.groups, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
 
