@@ -441,44 +441,56 @@ void scale_row(T* x, int64_t n, T a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
-// sum_c x[c] * y[c] in double, with 8 partial sums (a fixed order, so deterministic) to break
-// the latency chain of one accumulator. Used for D = rowsum(P * dP) in the backward.
+// dot = sum_c x[c] * y[c] and sum = sum_c x[c], both in double, with 8 partial sums each (a
+// fixed order, so deterministic) to break the latency chain of one accumulator. Used for the
+// backward's rowsum(P * dP) and rowsum(P).
 template <typename S>
-double dot_double(const S* x, const S* y, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+void dot_sum_double(const S* x, const S* y, int64_t n, double& dot, double& sum) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, xs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<S, float>) {
     // The same 8 partial sums, 4 + 4 lanes of two AVX2 registers: float -> double, then FMA
     // (exact: the product of two floats fits a double).
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    __m256d slo = _mm256_setzero_pd(), shi = _mm256_setzero_pd();
     for (; c + 8 <= n; c += 8) {
       const __m256 xv = _mm256_loadu_ps(x + c), yv = _mm256_loadu_ps(y + c);
-      lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)),
-                           _mm256_cvtps_pd(_mm256_castps256_ps128(yv)), lo);
-      hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)),
-                           _mm256_cvtps_pd(_mm256_extractf128_ps(yv, 1)), hi);
+      const __m256d xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(xv));
+      const __m256d xhi = _mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1));
+      lo = _mm256_fmadd_pd(xlo, _mm256_cvtps_pd(_mm256_castps256_ps128(yv)), lo);
+      hi = _mm256_fmadd_pd(xhi, _mm256_cvtps_pd(_mm256_extractf128_ps(yv, 1)), hi);
+      slo = _mm256_add_pd(slo, xlo);
+      shi = _mm256_add_pd(shi, xhi);
     }
     _mm256_storeu_pd(acc, lo);
     _mm256_storeu_pd(acc + 4, hi);
+    _mm256_storeu_pd(xs, slo);
+    _mm256_storeu_pd(xs + 4, shi);
   }
 #endif
   for (; c + 8 <= n; c += 8)
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < 8; ++i) {
       acc[i] += static_cast<double>(x[c + i]) * static_cast<double>(y[c + i]);
-  for (int i = 0; c < n; ++c, ++i) acc[i] += static_cast<double>(x[c]) * static_cast<double>(y[c]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      xs[i] += static_cast<double>(x[c + i]);
+    }
+  for (int i = 0; c < n; ++c, ++i) {
+    acc[i] += static_cast<double>(x[c]) * static_cast<double>(y[c]);
+    xs[i] += static_cast<double>(x[c]);
+  }
+  dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  sum = ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]));
 }
 
-// ds = p * (dp - d), in place into dp.
+// ds = c * p * (dp - d), in place into dp.
 template <typename T>
-void softmax_grad_row(const T* p, T* dp, int64_t n, T d) {
+void softmax_grad_row(const T* p, T* dp, int64_t n, T d, T c) {
   constexpr int64_t V = Vec<T>::size();
-  const Vec<T> dv(d);
+  const Vec<T> dv(d), cv(c);
   int64_t j = 0;
   for (; j + V <= n; j += V)
-    (Vec<T>::loadu(p + j) * (Vec<T>::loadu(dp + j) - dv)).store(dp + j);
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+    (Vec<T>::loadu(p + j) * cv * (Vec<T>::loadu(dp + j) - dv)).store(dp + j);
+  for (; j < n; ++j) dp[j] = p[j] * c * (dp[j] - d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,6 +720,12 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 // the backward's recomputed P, plus the rounding of dP, then cost dtheta/dphi up to several times
 // the error of PyTorch in the same precision (see scripts/cpu_accuracy_sweep.py). Keeping the
 // tiles costs no extra FLOPs; the memory is 2 * BM * M per thread, linear in M.
+// P is also normalised by its own row sum sigma_i = sum_j P_ij (double, pass 1): lse is a float,
+// so exp(S - lse) sums to 1 only within half an ulp of lse (2.4e-7 at lse ~ 7), and a peaked row
+// with a large D multiplies that into dtheta/dphi (dS_ij = P_ij (dP_ij - D_i) cancels to a small
+// value): up to 3x the tolerance in 1 draw in 3000 of the ragged test case before. With
+// c_i = 1 / sigma_i: D_i = c_i sum_j P_ij dP_ij and dS_ij = c_i P_ij (dP_ij - D_i). dg keeps the
+// unnormalised P (it is summed in pass 1, before sigma is known; nothing cancels there).
 // In exact arithmetic D_i = dy_i . y_i. The columns c where g[:, c] is all zero add nothing to
 // dP, so their share dy_ic y_ic is taken from y as given: zero for a real zero column (the
 // forward's y is exactly zero there), and -dlse_i for the column that make_softmax_function
@@ -731,7 +749,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   Arena& arena = worker_arena;
   arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * LQ) +
                 Arena::bytes_for<A>(BM * dv) + Arena::bytes_for<A>(n_ktiles * BM * LS) * 2 +
-                Arena::bytes_for<A>(BM) * 2 + Arena::bytes_for<double>(BM) +
+                Arena::bytes_for<A>(BM) * 3 + Arena::bytes_for<double>(BM) * 2 +
                 Arena::bytes_for<A>(kMR * kKC) + Arena::bytes_for<A>(qb_n) +
                 Arena::bytes_for<A>(dyb_n));
   A* q = arena.take<A>(BM * dk);
@@ -741,7 +759,9 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   A* dp_all = arena.take<A>(n_ktiles * BM * LS);  // dP, then dS tiles
   A* D = arena.take<A>(BM);
   A* L = arena.take<A>(BM);
+  A* Pinv = arena.take<A>(BM);
   double* Dsum = arena.take<double>(BM);
+  double* Psum = arena.take<double>(BM);
   A* edge = arena.take<A>(kMR * kKC);
   A* qbp = arena.take<A>(qb_n);
   A* dybp = arena.take<A>(dyb_n);
@@ -800,8 +820,9 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       for (int64_t r = 0; r < bm; ++r) {
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
         Dsum[r] = 0.0;
+        Psum[r] = 0.0;
       }
-      // Pass 1: P, dg, dP and D.
+      // Pass 1: P, dg, dP, D and sigma.
       for (int64_t j0 = 0; j0 < M; j0 += BN) {
         const int64_t bn = std::min(BN, M - j0);
         A* s = s_all + (j0 / BN) * BM * LS;
@@ -828,17 +849,24 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
           gemm(bn, dv, bm, pt, dyv, acc_kv, dvp + j0 * dv, dv);
           gemm(bm, bn, dv, dyv, vj.t(), false, dp, LS);
         }
-        for (int64_t r = 0; r < bm; ++r)  // key tiles in order: deterministic
-          Dsum[r] += dot_double(s + r * LS, dp + r * LS, bn);
+        for (int64_t r = 0; r < bm; ++r) {  // key tiles in order: deterministic
+          double dot, sum;
+          dot_sum_double(s + r * LS, dp + r * LS, bn, dot, sum);
+          Dsum[r] += dot;
+          Psum[r] += sum;
+        }
       }
       for (int64_t r = 0; r < bm; ++r) {
         const S* yrow = y + b * p.y_stride[0] + (i0 + r) * p.y_stride[1];
         const S* dyrow = dysrc + r * ds1;
+        const double inv = 1.0 / Psum[r];
+        double d = Dsum[r] * inv;
         for (int64_t c : zero_cols)
-          Dsum[r] += static_cast<double>(dyrow[c * ds2]) * static_cast<double>(yrow[c * p.y_stride[2]]);
-        D[r] = static_cast<A>(Dsum[r]);
+          d += static_cast<double>(dyrow[c * ds2]) * static_cast<double>(yrow[c * p.y_stride[2]]);
+        D[r] = static_cast<A>(d);
+        Pinv[r] = static_cast<A>(inv);
       }
-      // Pass 2: dS = P * (dP - D); dphi_j += dS^T (scale theta); dtheta += dS phi_j (times
+      // Pass 2: dS = c P * (dP - D); dphi_j += dS^T (scale theta); dtheta += dS phi_j (times
       // scale when written). Key tiles in reverse order: the last ones of pass 1 are still in
       // cache.
       // dq: overwritten by the first key tile of this pass (the last one), then added to.
@@ -847,7 +875,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         const A* s = s_all + (j0 / BN) * BM * LS;
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> dst{dp, 1, LS}, ds{dp, LS, 1};  // dS^T, dS
-        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r]);
+        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r], Pinv[r]);
         if constexpr (kPacked) {
           const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
           gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, acc_kv, dkp + j0 * dk, dk,
