@@ -172,20 +172,23 @@ def main(argv=None) -> int:
                 if status != "ok":
                     row["status"] = f"{step}: {status}"
             case_rows[method] = row
-        for step in steps:  # time: the methods that ran, side by side in rounds
-            ok = [m for m in methods if not case_rows[m]["status"].startswith(f"{step}:")]
-            if not ok:
-                continue
-            spec = dict(common, methods=ok, step=step, repeats=args.repeats,
-                        warmup=args.warmup, budget_s=args.budget)
+        # Time: the methods that ran within memory, side by side in rounds, one process.
+        timed = {step: [m for m in methods if not case_rows[m]["status"].startswith(f"{step}:")]
+                 for step in steps}
+        timed = {step: names for step, names in timed.items() if names}
+        if timed:
+            spec = dict(common, methods=sorted({m for ms in timed.values() for m in ms},
+                                               key=methods.index),
+                        steps=timed, repeats=args.repeats, warmup=args.warmup,
+                        budget_s=args.budget)
             res = (time_interleaved(spec) if device.type == "cuda" else
-                   measure_in_subprocess(spec, args.timeout * len(ok), args.mem_limit_gb))
-            for m in ok:
-                r = res.get(m, {"status": res.get("status", "no result")})
+                   measure_in_subprocess(spec, args.timeout * len(methods), args.mem_limit_gb))
+            for m in spec["methods"]:
+                r = dict(res.get(m, {"status": "timing: " + res.get("status", "no result")}))
                 status = r.pop("status", "ok")
                 case_rows[m].update(r)
                 if status != "ok" and case_rows[m]["status"] == "ok":
-                    case_rows[m]["status"] = f"{step} timing: {status}"
+                    case_rows[m]["status"] = status
         for row in case_rows.values():
             rows.append(row)
             print(f"  {case.shape} {row['method']}: fwd {_fmt_ms(row.get('fwd_ms'))} ms, fwd+bwd "

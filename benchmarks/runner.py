@@ -159,58 +159,60 @@ def measure(spec: dict) -> dict:
 
 
 def time_interleaved(spec: dict) -> dict:
-    """Median milliseconds of each method's step, timed side by side on the same inputs.
+    """Median milliseconds of each method's steps, timed side by side on the same inputs.
 
-    spec: case, methods, mode, dtype, device, step ("fwd" or "fwd_bwd"), repeats (timed
-    rounds), warmup (untimed rounds) and budget_s (seconds of timed rounds per method; at least
-    one round runs). A round calls every method once, in an order rotated by one each round.
-    Returns {method: {"<step>_ms": float} or {"status": "..."}} (a method that fails is dropped
-    from the later rounds and reported).
+    spec: case, mode, dtype, device, methods, steps ({"fwd" or "fwd_bwd": [methods to time]}),
+    repeats (timed rounds), warmup (untimed rounds) and budget_s (seconds of timed rounds per
+    method and step; at least one round runs). A round calls every method of the step once, in
+    an order rotated by one each round. Returns {method: {"<step>_ms": float, "<step>_rounds":
+    int, "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
 
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
     sdpa and ours alike) were measured 15-50% slower than the later ones."""
     from .baselines import get_method
 
     problem = _Problem(spec)
-    device, step = problem.device, spec["step"]
-    methods = list(spec["methods"])
-    out = {m: {} for m in methods}
-    runs = {}
-    for m in methods:
+    device = problem.device
+    out = {m: {} for m in spec["methods"]}
+    fns = {}
+    for m in spec["methods"]:
         try:
-            fn = get_method(m)
-            problem.prime(fn)
-            runs[m] = fn
+            fns[m] = get_method(m)
+            problem.prime(fns[m])
         except Exception as exc:
-            out[m]["status"] = _error_status(exc, device)
-    if not runs:
-        return out
-    problem.allocate()
-    runs = {m: problem.step(fn, step) for m, fn in runs.items()}
-    times = {m: [] for m in runs}
-    budget_s = spec["budget_s"] * len(runs)
-    rounds = spec.get("warmup", 3) + max(1, spec["repeats"])
-    start = None
-    for r in range(rounds):
-        if r == spec.get("warmup", 3):
-            start = time.perf_counter()
-        order = list(runs)
-        k = r % len(order)
-        for m in order[k:] + order[:k]:
-            try:
-                t = _timed_call(runs[m], device)
-            except Exception as exc:
-                out[m]["status"] = _error_status(exc, device)
-                del runs[m]
-                continue
-            if start is not None:
-                times[m].append(t)
-        if not runs or (start is not None and time.perf_counter() - start > budget_s):
-            break
-    for m, ts in times.items():
-        if ts and "status" not in out[m]:
-            out[m][f"{step}_ms"] = statistics.median(ts)
-            out[m][f"{step}_rounds"] = len(ts)
+            fns.pop(m, None)
+            out[m]["status"] = "timing: " + _error_status(exc, device)
+    if fns:
+        problem.allocate()
+    warmup = spec.get("warmup", 3)
+    for step, names in spec["steps"].items():
+        runs = {m: problem.step(fns[m], step) for m in names
+                if m in fns and "status" not in out[m]}
+        times = {m: [] for m in runs}
+        budget_s = spec["budget_s"] * max(1, len(runs))
+        start = None
+        for r in range(warmup + max(1, spec["repeats"])):
+            if not runs:
+                break
+            if r == warmup:
+                start = time.perf_counter()
+            order = list(runs)
+            k = r % len(order)
+            for m in order[k:] + order[:k]:
+                try:
+                    t = _timed_call(runs[m], device)
+                except Exception as exc:
+                    out[m]["status"] = f"{step} timing: " + _error_status(exc, device)
+                    del runs[m]
+                    continue
+                if start is not None:
+                    times[m].append(t)
+            if start is not None and time.perf_counter() - start > budget_s:
+                break
+        for m, ts in times.items():
+            if ts and "status" not in out[m]:
+                out[m][f"{step}_ms"] = statistics.median(ts)
+                out[m][f"{step}_rounds"] = len(ts)
     return out
 
 

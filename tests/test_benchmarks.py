@@ -68,10 +68,12 @@ def test_interleaved_timing_reports_a_failing_method_and_times_the_others(monkey
     monkeypatch.setitem(baselines.BASELINES, "planted",
                         (fails_on_the_case, None, ("cpu",), "fails on the case"))
     spec = {"case": [1, 40, 24, 8, 8], "mode": "embedded_gaussian", "dtype": "float32",
-            "device": "cpu", "methods": ["naive", "planted", "sdpa"], "step": "fwd_bwd",
+            "device": "cpu", "methods": ["naive", "planted", "sdpa"],
+            "steps": {"fwd": ["naive", "planted", "sdpa"], "fwd_bwd": ["naive", "planted", "sdpa"]},
             "repeats": 4, "warmup": 1, "budget_s": 10.0}
     res = time_interleaved(spec)
-    assert res["planted"] == {"status": "error: RuntimeError: planted failure"}
-    assert calls == [16, 40]  # dropped after its failure, not called in later rounds
+    assert res["planted"] == {"status": "fwd timing: error: RuntimeError: planted failure"}
+    assert calls == [16, 40]  # dropped after its failure, not called in later rounds or steps
     for m in ("naive", "sdpa"):
-        assert res[m]["fwd_bwd_ms"] > 0 and res[m]["fwd_bwd_rounds"] == 4
+        for step in ("fwd", "fwd_bwd"):
+            assert res[m][f"{step}_ms"] > 0 and res[m][f"{step}_rounds"] == 4
