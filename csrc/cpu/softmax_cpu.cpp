@@ -189,21 +189,27 @@ int64_t backward_groups(int64_t B, int64_t M, int64_t dk, int64_t dv, int64_t es
   return G;
 }
 
-// The query tiling, the same in the forward and the backward: the number of query tiles per
-// batch is a multiple of the threads each batch should feed (T / gcd(B, T), so the forward's
-// B * n_qtiles tasks divide evenly) and of the backward's groups. One tiling for both keeps
-// the backward's recomputed S bit for bit the forward's on the BLAS path too, whose sgemm may
-// round differently for a different number of rows (S of the forward and of the backward then
-// differ, P = exp(S - lse) no longer cancels lse's rounding, and dtheta/dphi lost up to 3x the
-// tolerance in about 1 draw in 600).
-void choose_query_tiles(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
-                        CpuPlan& plan) {
+// The plan of a call, the same in the forward and the backward: dtype, scale, GEMM path and the
+// query tiling. The number of query tiles per batch is a multiple of the threads each batch
+// should feed (T / gcd(B, T), so the forward's B * n_qtiles tasks divide evenly) and of the
+// backward's groups. One tiling for both keeps the backward's recomputed S bit for bit the
+// forward's on the BLAS path too, whose sgemm may round differently for a different number of
+// rows (S of the forward and of the backward then differ, P = exp(S - lse) no longer cancels
+// lse's rounding, and dtheta/dphi lost up to 3x the tolerance in about 1 draw in 600).
+CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+                  double scale) {
+  CpuPlan plan{};
+  plan.dtype = to_dtype(theta, "theta");
+  plan.scale = scale;
+  plan.packed = use_packed_path();
+  plan.use_blas = !plan.packed;
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t split = threads / std::gcd(B, threads);
   const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
   plan.groups = backward_groups(B, M, theta.size(2), g.size(2), esize);
   choose_tiles(N, M, std::lcm(split, plan.groups), plan);
+  return plan;
 }
 
 void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g) {
@@ -226,12 +232,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   set_y_lse(p, y, lse);
 
   const KernelTable& kt = kernels();
-  CpuPlan plan{};
-  plan.dtype = to_dtype(theta, "theta");
-  plan.scale = scale;
-  plan.packed = use_packed_path();
-  plan.use_blas = !plan.packed;
-  choose_query_tiles(theta, phi, g, plan);
+  CpuPlan plan = make_plan(theta, phi, g, scale);
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
@@ -271,13 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   set_backward_tensors(p, dy, dtheta, dphi, dg);
 
   const KernelTable& kt = kernels();
-  CpuPlan plan{};
-  plan.dtype = to_dtype(theta, "theta");
-  plan.scale = scale;
-  plan.packed = use_packed_path();
-  plan.use_blas = !plan.packed;
-
-  choose_query_tiles(theta, phi, g, plan);
+  CpuPlan plan = make_plan(theta, phi, g, scale);
   const int64_t G = std::max<int64_t>(1, std::min(plan.groups, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
