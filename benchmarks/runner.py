@@ -63,31 +63,28 @@ class _Problem:
     """The inputs of one case (fresh random data) and its steps for a given method."""
 
     def __init__(self, spec: dict):
-        from nonlocal_kernels.testing import make_inputs
-
         self.case = Case(*spec["case"])
         self.device = torch.device(spec["device"])
         self.dtype = getattr(torch, spec["dtype"])
         self.mode = spec["mode"]
         self.scale = (self.case.dk ** -0.5
                       if self.mode in ("embedded_gaussian", "gaussian") else None)
-        self._make_inputs = make_inputs
-        self.leaves = None
+
+    def _make(self, B: int, N: int, M: int) -> tuple:
+        from nonlocal_kernels.testing import make_inputs
+
+        return make_inputs(B, N, M, self.case.dk, self.case.dv, dtype=self.dtype,
+                           device=self.device, with_concat=self.mode == "concatenation")
 
     def prime(self, fn) -> None:
         """One call on a tiny problem (thread pools, the autograd engine, lazy library loads),
         so that their one-off memory is not charged to the case."""
-        c = self.case
-        small = self._make_inputs(1, 16, 16, c.dk, c.dv, dtype=self.dtype, device=self.device,
-                                  with_concat=self.mode == "concatenation")
-        small = [t.detach().requires_grad_() for t in small]
+        small = [t.detach().requires_grad_() for t in self._make(1, 16, 16)]
         fn(*small[:3], small[3] if len(small) > 3 else None, self.mode, self.scale).sum().backward()
 
     def allocate(self) -> None:
         c = self.case
-        theta, phi, g, *w = self._make_inputs(c.B, c.N, c.M, c.dk, c.dv, dtype=self.dtype,
-                                              device=self.device,
-                                              with_concat=self.mode == "concatenation")
+        theta, phi, g, *w = self._make(c.B, c.N, c.M)
         self.inputs = (theta, phi, g)
         self.leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
         self.w = w[0].detach().requires_grad_() if w else None
@@ -118,7 +115,8 @@ def _error_status(exc: BaseException, device: torch.device) -> str:
 def measure(spec: dict) -> dict:
     """Peak memory of one method. spec: case (B,N,M,dk,dv), method, mode, dtype, device and
     steps (a list of "fwd" and/or "fwd_bwd"; CPU runs one step per process so each peak is its
-    own). The step runs once, which is also the warm-up of a later timing in the same process."""
+    own). Each step runs once (CUDA: twice, the first a warm-up); times are taken apart, by
+    time_interleaved."""
     from .baselines import get_method
 
     problem = _Problem(spec)
