@@ -8,6 +8,8 @@
   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible.
 - NONLOCAL_KERNELS_EMU=1 also builds nonlocal_kernels._C_emu from csrc/emu/*.cpp: the CUDA
   kernel sources compiled by the host compiler against csrc/emu/cuda_emu.h (tests only).
+- csrc/cpu/softmax_kernel_avx2.cpp alone is compiled with -mavx2 -mfma -mf16c on x86-64
+  (ISA_FLAGS; CMakeLists.txt does the same); everything else keeps the baseline ISA.
 - NONLOCAL_KERNELS_WERROR=1 turns warnings in our own sources into errors (CI).
   NONLOCAL_KERNELS_CUDA_WERROR=1 does it for the .cu files only (nvcc, device and host side);
   `make test` sets it.
@@ -15,11 +17,18 @@
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+# Sources compiled for one instruction set, with that set's flags (x86-64 only: elsewhere they
+# compile to nothing). softmax_cpu.cpp calls their kernels only when the CPU has the features.
+ISA_FLAGS = {"csrc/cpu/softmax_kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _env_flag(name):
@@ -98,12 +107,32 @@ def extensions():
     return exts
 
 
-def main():
+def build_ext_class():
+    """torch's BuildExtension (ninja), plus per-source flags (ISA_FLAGS): those sources are
+    compiled first, on their own with the extension's flags and theirs, and linked in as objects."""
     from torch.utils.cpp_extension import BuildExtension
 
+    class Build(BuildExtension):
+        def build_extension(self, ext):
+            isa_sources = [s for s in ext.sources if s in ISA_FLAGS] if IS_X86_64 else []
+            for src in isa_sources:
+                args = ext.extra_compile_args
+                args = dict(args) if isinstance(args, dict) else {"cxx": list(args)}
+                args["cxx"] = list(args["cxx"]) + ISA_FLAGS[src]
+                ext.extra_objects = list(ext.extra_objects or []) + self.compiler.compile(
+                    [src], output_dir=self.build_temp, macros=list(ext.define_macros),
+                    include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args,
+                    depends=ext.depends)
+            ext.sources = [s for s in ext.sources if s not in isa_sources]
+            super().build_extension(ext)
+
+    return Build.with_options(use_ninja=True)
+
+
+def main():
     setup(
         ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": build_ext_class()},
         options={"bdist_wheel": {"py_limited_api": "cp39"}},
     )
 

@@ -56,9 +56,10 @@ const KernelTable& kernels() {
   TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "default",
               "NONLOCAL_KERNELS_CPU_ISA: expected 'avx2' or 'default', got '", isa, "'");
 #if defined(__x86_64__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                               __builtin_cpu_supports("f16c");
   if (isa != "default" && has_avx2) return kKernelsAVX2;
-  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA");
+  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA/F16C");
 #else
   TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: not an x86-64 build");
 #endif

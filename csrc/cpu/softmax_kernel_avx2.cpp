@@ -1,14 +1,11 @@
-// The CPU softmax kernels compiled for AVX2 + FMA (x86-64), whatever flags the rest of the
-// extension is built with: the target pragma covers every function in this file, and the
-// feature macros that ATen's vector headers and Sleef test are defined by hand, as -mavx2 -mfma
-// would. softmax_cpu.cpp calls this table only when the CPU reports AVX2 and FMA.
+// The CPU softmax kernels compiled for AVX2 + FMA (x86-64). This file alone is compiled with
+// -mavx2 -mfma -mf16c (setup.py and CMakeLists.txt add them for it); the rest of the extension
+// keeps the baseline instruction set, and softmax_cpu.cpp calls this table only when the CPU
+// reports AVX2 and FMA. (A `#pragma GCC target` instead of the flags does not build with
+// GCC 13: implicitly defined destructors then fail to inline libstdc++'s always_inline ones.)
 #if defined(__x86_64__)
-#if !defined(__AVX2__)
-#pragma GCC target("avx2,fma,f16c")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "softmax_kernel_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
