@@ -275,6 +275,31 @@ def test_every_gpu_config(monkeypatch, dims, dtype, index):
     check(2, 300, 213, dk, dv, dtype=dtype, layout="channels_first", scale=dk ** -0.5)
 
 
+def test_q_candidates_keep_block_n_at_least_64():
+    # On an H200 (Triton 3.6) every 16-bit q-kernel candidate with BLOCK_N = 32 gave a wrong
+    # dtheta or an illegal memory access on the inputs of test_q_kernel_layouts_gpu, and every
+    # BLOCK_N = 64 candidate was right (benchmarks/results/gpu-h200-2026-11-30.md). A new
+    # candidate with BLOCK_N < 64 needs that test to pass on a GPU first.
+    for width, cands in L.GPU_CONFIGS["16bit"]["q"].items():
+        assert all(bn >= 64 for _, bn, _, _ in cands), (width, cands)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [(2, 37, 29, 24, 40), (2, 300, 200, 64, 64)],
+                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_q_kernel_layouts_gpu(monkeypatch, case, dtype, index):
+    # The inputs that broke the q kernel with BLOCK_N = 32 on an H200: theta and phi
+    # channels-first (phi column-major), and a gradient into lse, which hands the backward a
+    # row-major g and dy one column wider than dv (an odd width). Every candidate, forced.
+    monkeypatch.setenv("NONLOCAL_KERNELS_TRITON_CONFIG", str(index))
+    B, N, M, dk, dv = case
+    check(B, N, M, dk, dv, dtype=dtype, layout="channels_first", scale=dk ** -0.5,
+          return_lse=True)
+
+
 @pytest.mark.gpu
 def test_peak_memory_linear_in_n_gpu():
     # N = M = 32768, dk = dv = 256, bf16: the N x M affinity alone would be 2 GiB; the fused

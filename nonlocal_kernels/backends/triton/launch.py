@@ -72,10 +72,15 @@ GPU_CONFIGS = {
             128: [(64, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
             256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
         },
+        # BLOCK_N >= 64 only: on an H200 with Triton 3.6 every q candidate with BLOCK_N = 32
+        # gave a wrong dtheta (up to 500x the tolerance) or an illegal memory access when g
+        # and dy are row-major with an odd width (the lse-gradient column) and phi is
+        # column-major or strided; every BLOCK_N = 64 candidate was right on the same inputs
+        # (benchmarks/results/gpu-h200-2026-11-30.md).
         "q": {
-            64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
-            128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-            256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2)],
+            64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)],
+            128: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
+            256: [(32, 64, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1), (16, 64, 4, 2)],
         },
     },
     "float32": {  # the same list for every width class (the caps keep W <= 128)
