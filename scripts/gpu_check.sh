@@ -9,14 +9,15 @@
 #      (pip install --no-build-isolation --no-deps -e ., TORCH_CUDA_ARCH_LIST=<this GPU>),
 #   3. runs the whole test suite, `gpu` tests included (Triton autotuning off: each candidate
 #      configuration is checked by test_every_gpu_config instead of tuning every test shape),
+#      one process per test file (scripts/gpu_tests.sh), then scripts/triton_triage.py,
 #   4. runs compute-sanitizer memcheck on one small case per GPU backend, and racecheck,
 #      synccheck and memcheck on the `cuda` backend's cases (scripts/gpu_check_cuda.sh), where
 #      compute-sanitizer is present,
 #   5. runs the benchmark CLI on the GPU shapes (python -m benchmarks --preset gpu),
 #   6. runs the Triton head-dim caps sweep (scripts/triton_sweep.py),
 # and writes every log and table into OUT_DIR, with OUT_DIR/summary.txt listing each step's
-# status and time. Every step has its own timeout and a failing step never stops the next
-# one. The whole run has a budget (GPU_CHECK_TOTAL, default 540 s): a step's limit is cut to
+# status and time, and OUT_DIR/bundle.tgz holding all of it. Every step has its own timeout
+# and a failing step never stops the next one. The whole run has a budget (GPU_CHECK_TOTAL, default 540 s): a step's limit is cut to
 # what is left of it, and steps that no longer fit are skipped and listed as such. Override a
 # step's own limit with GPU_CHECK_TIMEOUT_<STEP>=seconds (e.g. GPU_CHECK_TIMEOUT_BENCH=300).
 #
@@ -134,9 +135,12 @@ print(nk.__file__)
 for b in nk.available_backends():
     print(json.dumps({k: b[k] for k in ("name", "available", "reason", "devices", "priority")}))'
 
-# 3. tests (gpu tests included; they run automatically when CUDA is present) ---------------
-run_step tests 180 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
-    "$PY" -m pytest tests -q -rfEs --durations=15 --junitxml="$OUT/tests.xml"
+# 3. tests (gpu tests included; they run automatically when CUDA is present), one process per
+#    test file (scripts/gpu_tests.sh): a crash or an illegal memory access ends a process and
+#    its CUDA context, and would otherwise fail every later test for that reason alone. -----
+run_step tests 240 env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
+    bash scripts/gpu_tests.sh "$OUT/tests" "$PY"
+run_step triton-triage 120 "$PY" scripts/triton_triage.py --out "$OUT/triton_triage.md"
 
 # 4. compute-sanitizer (memcheck) on one small case per GPU backend -------------------------
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -155,4 +159,6 @@ run_step bench 150 "$PY" -m benchmarks --preset gpu --device cuda --repeats 5 --
 run_step triton-sweep 60 "$PY" scripts/triton_sweep.py --budget 45 --out "$OUT/triton_sweep.md"
 
 echo "== done in $(($(date +%s) - START))s, $FAILED step(s) not ok; logs in $OUT" | tee -a "$SUMMARY"
+# Everything above in one file (a device tool may bring back only a few files).
+tar czf "/tmp/gpu_check_bundle.$$.tgz" -C "$OUT" . && mv "/tmp/gpu_check_bundle.$$.tgz" "$OUT/bundle.tgz"
 [ "$FAILED" -eq 0 ]
