@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import nonlocal_kernels
-from nonlocal_kernels.backends.registry import SOFTMAX_MODES
+from nonlocal_kernels.modes import SOFTMAX_MODES
 
 
 def _backend_method(name: str) -> Callable:

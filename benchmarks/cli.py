@@ -14,10 +14,11 @@ import sys
 
 import torch
 
+from nonlocal_kernels import modes
+
 from .cases import PRESETS, parse_shape
 from .runner import measure, measure_in_subprocess, time_interleaved
 
-MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
 
 def machine_description(device: torch.device) -> str:
@@ -106,7 +107,7 @@ def parse_args(argv=None):
                    "CPU cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named list of shapes")
     p.add_argument("--shape", action="append", default=[], help="B,N,M,dk,dv (repeatable)")
-    p.add_argument("--mode", default="embedded_gaussian", choices=MODES)
+    p.add_argument("--mode", default="embedded_gaussian", choices=modes.NAMES)
     p.add_argument("--backends", help="comma-separated methods (default: every available "
                    "backend plus the baselines naive and sdpa*)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA "

@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from nonlocal_kernels import modes
+
 from .cases import Case
 
 RESULT_TAG = "BENCH-RESULT "
@@ -67,14 +69,14 @@ class _Problem:
         self.device = torch.device(spec["device"])
         self.dtype = getattr(torch, spec["dtype"])
         self.mode = spec["mode"]
-        self.scale = (self.case.dk ** -0.5
-                      if self.mode in ("embedded_gaussian", "gaussian") else None)
+        self.scale = modes.get(self.mode).default_scale(self.case.dk)
 
     def _make(self, B: int, N: int, M: int) -> tuple:
         from nonlocal_kernels.testing import make_inputs
 
         return make_inputs(B, N, M, self.case.dk, self.case.dv, dtype=self.dtype,
-                           device=self.device, with_concat=self.mode == "concatenation")
+                           device=self.device,
+                           with_concat=modes.get(self.mode).takes_concat_weight)
 
     def prime(self, fn) -> None:
         """One call on a tiny problem (thread pools, the autograd engine, lazy library loads),

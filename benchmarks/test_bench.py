@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks.baselines import default_methods, get_method
+from nonlocal_kernels import modes
 from nonlocal_kernels.testing import make_inputs
 
 SHAPES = [(1, 784, 196, 64, 64), (1, 1568, 392, 128, 128)]
@@ -22,10 +23,11 @@ def _cases():
 @pytest.mark.parametrize("mode,method,shape", list(_cases()))
 def test_fwd_bwd(benchmark, mode, method, shape):
     B, N, M, dk, dv = shape
-    theta, phi, g, *w = make_inputs(B, N, M, dk, dv, with_concat=mode == "concatenation")
+    m = modes.get(mode)
+    theta, phi, g, *w = make_inputs(B, N, M, dk, dv, with_concat=m.takes_concat_weight)
     leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
     w = w[0].detach().requires_grad_() if w else None
-    scale = dk ** -0.5 if mode == "embedded_gaussian" else None
+    scale = m.default_scale(dk)
     fn = get_method(method)
     dy = torch.randn(B, N, dv)
 

@@ -1,18 +1,15 @@
-// Operator schemas of nonlocal_kernels. Kernels register implementations per dispatch key in
-// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cpp (CUDA). Fake (meta) implementations and the autograd
-// formula live in Python (nonlocal_kernels/ops.py), as in pytorch/extension-cpp.
+// Operator schemas of nonlocal_kernels (ops_schema.h). Kernels register implementations per
+// dispatch key in csrc/cpu/*.cpp (CPU), csrc/cuda/*.cpp (CUDA), csrc/fast/*.cpp (the CPU
+// concatenation kernels, which define their own schemas). Fakes, vmap rules and autograd are
+// registered in Python (nonlocal_kernels/ops.py).
 //
 // softmax_fwd: y = softmax_rows(scale * theta phi^T) g and lse = logsumexp_rows(scale theta phi^T)
-// softmax_bwd: gradients of y with respect to theta, phi, g, recomputing P from lse.
+// softmax_bwd: the gradients of y with respect to theta, phi, g (how each backend recomputes
+// what it needs: docs/design.md).
 // Inputs are 3-D with any strides; lse is float32 (float64 for float64 inputs).
-#include <torch/library.h>
+#include "ops_schema.h"
 
-TORCH_LIBRARY(nonlocal_kernels, m) {
-  m.def("softmax_fwd(Tensor theta, Tensor phi, Tensor g, float scale) -> (Tensor y, Tensor lse)");
-  m.def(
-      "softmax_bwd(Tensor dy, Tensor theta, Tensor phi, Tensor g, Tensor y, Tensor lse, "
-      "float scale) -> (Tensor dtheta, Tensor dphi, Tensor dg)");
-}
+TORCH_LIBRARY(nonlocal_kernels, m) { nonlocal_kernels::define_softmax_ops(m); }
 
 #ifdef NONLOCAL_KERNELS_PYTHON_MODULE
 // `import nonlocal_kernels._C` loads this library (running the registrations above); the module

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional
 
 import torch
 
+from . import modes as _modes
 from .backends import registry
-from .backends.registry import FLOAT_DTYPES, MODES, SOFTMAX_MODES
+from .modes import FLOAT_DTYPES
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -17,8 +19,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    m = _modes.get(mode)
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
     if not isinstance(return_lse, bool):
@@ -52,7 +53,7 @@ def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
     if dk == 0:
         raise ValueError(f"theta: dk (last dim) must be >= 1, got theta {_shape(theta)}")
 
-    if mode in SOFTMAX_MODES:
+    if m.takes_scale:
         if scale is None:
             scale = 1.0
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -63,10 +64,10 @@ def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
     elif scale is not None:
         raise ValueError(f"scale: applies to the softmax modes only; mode {mode!r} divides by M "
                          f"(pass scale=None)")
-    if return_lse and mode not in SOFTMAX_MODES:
+    if return_lse and not m.has_lse:
         raise ValueError(f"return_lse: only the softmax modes have an lse, not mode {mode!r}")
 
-    if mode == "concatenation":
+    if m.takes_concat_weight:
         if concat_weight is None:
             raise ValueError(f"concat_weight: mode 'concatenation' needs concat_weight of shape "
                              f"({2 * dk},) = [w_theta, w_phi]")
@@ -117,8 +118,13 @@ def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, 
         # Empty result: the reference computes it for free and keeps the autograd graph.
         chosen = registry.get("reference")
     else:
-        chosen = registry.select(backend, t3, p3, g3, mode)
-    with torch.autocast(theta.device.type, enabled=False):
+        chosen = registry.select(backend, t3, mode)
+    # The kernels run in the input dtype: autocast must not re-cast inside the reference path.
+    # Only entered when autocast is on (an exported graph then holds the op itself, not an
+    # autocast region; devices without autocast, e.g. "meta", never need it).
+    device = theta.device.type
+    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if autocasting else contextlib.nullcontext():
         out = chosen.run(t3, p3, g3, mode=mode, scale=scale, concat_weight=concat_weight,
                          return_lse=return_lse)
     if return_lse:

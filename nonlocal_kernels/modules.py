@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends.registry import MODES
+from . import modes as _modes
 from .functional import nonlocal_attention
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -63,8 +63,7 @@ class NonLocalBlock(nn.Module):
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim: expected 1, 2 or 3, got {dim!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        m = _modes.get(mode)
         if norm not in (None, "bn"):
             raise ValueError(f"norm: expected None or 'bn', got {norm!r}")
         if not isinstance(in_channels, int) or in_channels < 1:
@@ -75,7 +74,7 @@ class NonLocalBlock(nn.Module):
             inter_channels = max(in_channels // reduction, 1)
         elif not isinstance(inter_channels, int) or inter_channels < 1:
             raise ValueError(f"inter_channels: expected a positive int, got {inter_channels!r}")
-        if scale is not None and mode not in ("embedded_gaussian", "gaussian"):
+        if scale is not None and not m.takes_scale:
             raise ValueError(f"scale: applies to the softmax modes only, not {mode!r}")
         if pool_before_conv and not sub_sample:
             raise ValueError("pool_before_conv: needs sub_sample=True")
@@ -95,7 +94,7 @@ class NonLocalBlock(nn.Module):
         elif mode == "embedded_gaussian" and use_scale:
             self.scale = 1.0 / math.sqrt(inter_channels)
         else:
-            self.scale = 1.0 if mode in ("embedded_gaussian", "gaussian") else None
+            self.scale = 1.0 if m.takes_scale else None
 
         self.g = _ConvModule(dim, in_channels, inter_channels)
         self.conv_out = _ConvModule(dim, inter_channels, in_channels, bias=norm is None,
@@ -103,7 +102,7 @@ class NonLocalBlock(nn.Module):
         if mode != "gaussian":
             self.theta = _ConvModule(dim, in_channels, inter_channels)
             self.phi = _ConvModule(dim, in_channels, inter_channels)
-        if mode == "concatenation":
+        if m.takes_concat_weight:
             self.concat_project = _ConvModule(2, inter_channels * 2, 1, bias=False)
         # Pooling after the conv lives inside g / phi (mmcv's keys g.0.conv.*, phi.0.conv.*).
         self.pool = _POOL[dim]() if pool_before_conv else None
@@ -163,7 +162,7 @@ class NonLocalBlock(nn.Module):
             theta, phi = self.theta(x), self.phi(kv_in)
         theta, phi, g = _positions(theta), _positions(phi), _positions(g)
         concat_weight = None
-        if self.mode == "concatenation":
+        if _modes.get(self.mode).takes_concat_weight:
             concat_weight = self.concat_project.conv.weight.reshape(-1)
         # Under autocast the convs give the autocast dtype while x (gaussian theta) and the
         # concat weight stay float32: run the attention in one dtype.

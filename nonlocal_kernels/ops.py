@@ -1,13 +1,34 @@
-"""The compiled operators: loading ``nonlocal_kernels._C``, fake (meta) implementations so
-``torch.compile`` can trace the ops, and the one autograd.Function that every compiled
-softmax-family backend (cpu, cuda, cuda_emu, triton) wraps around its forward/backward op pair.
+"""The operators, and what is registered on each of them.
 
-Op schemas (csrc/ops.cpp, namespace ``nonlocal_kernels``), on 3-D tensors of any strides:
+One schema per kernel family (DESIGN: the op contract, docs/design.md):
 
-    softmax_fwd(theta (B,N,dk), phi (B,M,dk), g (B,M,dv), float scale) -> (y (B,N,dv), lse (B,N))
-    softmax_bwd(dy, theta, phi, g, y, lse, float scale) -> (dtheta, dphi, dg)
+  softmax        <ns>::softmax_fwd(theta (B,N,dk), phi (B,M,dk), g (B,M,dv), float scale)
+                     -> (y (B,N,dv), lse (B,N))
+                 <ns>::softmax_bwd(dy, theta, phi, g, y, lse, float scale)
+                     -> (dtheta, dphi, dg)
+                 in three namespaces: ``nonlocal_kernels`` (C++, _C: CPU and CUDA kernels),
+                 ``nonlocal_kernels_emu`` (C++, _C_emu: the CUDA kernels on CPU tensors, tests)
+                 and ``nonlocal_kernels_triton`` (Triton). The C++ schema is
+                 csrc/ops_schema.h, the Python one SOFTMAX_SCHEMAS (tests/test_ops.py ties them).
+  dot_product    nonlocal_kernels_fast::dot_product (backends/fast.py)
+  concatenation  nonlocal_kernels_fast::concat_fwd / concat_bwd (backends/fast.py); on CPU they
+                 run the C++ nonlocal_kernels::concat_sorted_fwd / concat_sorted_bwd
 
-``lse`` is float32, or float64 for float64 inputs (so float64 gradcheck runs on the kernels).
+Tensors may have any strides. ``lse`` is float32, or float64 for float64 inputs.
+
+Registered on every op: a fake (shapes, dtypes and strides; it is also the op's meta kernel), a
+vmap rule (the vmapped dim folded into the batch dim the ops already have, see
+:func:`vmap_by_folding`) and autograd (``torch.library.register_autograd``): a forward op gets its
+backward formula, a backward op gets a backward that raises, so a second derivative through a
+kernel that has none is an error, never a silently wrong number.
+
+``torch.func`` (grad, jacrev, vmap of a gradient) rejects the autograd.Function that
+register_autograd builds (it has no ``setup_context``, torch <= 2.14), so the package's entry
+point, ``nonlocal_attention``, runs every family through an autograd.Function with
+``setup_context`` and a vmap rule: :class:`SoftmaxAttention` and :class:`SoftmaxBackward`
+here, their dot_product and concatenation twins in backends/fast.py. Both routes share one
+formula per family. (Each of these classes has a fixed signature: dynamo cannot trace an
+autograd.Function with ``*args`` inside a backward.)
 """
 
 from __future__ import annotations
@@ -27,8 +48,15 @@ BUILD_HINT = ("Build the extension with `make setup` (or "
               "`pip install --no-build-isolation -e .` in an environment that has torch).")
 NAMESPACE = "nonlocal_kernels"
 
+SOFTMAX_SCHEMAS = {
+    "softmax_fwd": "(Tensor theta, Tensor phi, Tensor g, float scale) -> (Tensor y, Tensor lse)",
+    "softmax_bwd": "(Tensor dy, Tensor theta, Tensor phi, Tensor g, Tensor y, Tensor lse, "
+                   "float scale) -> (Tensor dtheta, Tensor dphi, Tensor dg)",
+}
+
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse's dtype for inputs of ``dtype`` (csrc/ops_common.h has the C++ twin)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -46,10 +74,11 @@ def _op_exists(qualname: str) -> bool:
         return False
 
 
-def kernel_unavailable_reason(dispatch_key: str, namespace: str = NAMESPACE) -> Optional[str]:
-    """None when namespace::softmax_fwd/bwd both have a kernel for dispatch_key (e.g. "CPU")."""
-    for op in ("softmax_fwd", "softmax_bwd"):
-        qualname = f"{namespace}::{op}"
+def kernel_unavailable_reason(dispatch_key: str, namespace: str = NAMESPACE,
+                              names=("softmax_fwd", "softmax_bwd")) -> Optional[str]:
+    """None when every namespace::name has a kernel for dispatch_key (e.g. "CPU")."""
+    for name in names:
+        qualname = f"{namespace}::{name}"
         if not _op_exists(qualname):
             return f"operator {qualname} is not registered"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):
@@ -57,61 +86,214 @@ def kernel_unavailable_reason(dispatch_key: str, namespace: str = NAMESPACE) -> 
     return None
 
 
-def register_softmax_fakes(namespace: str) -> None:
-    """Fake implementations of namespace::softmax_fwd/bwd (shapes and dtypes only)."""
-
-    @torch.library.register_fake(f"{namespace}::softmax_fwd")
-    def _fwd_fake(theta, phi, g, scale):
-        B, N, _ = theta.shape
-        y = theta.new_empty((B, N, g.shape[-1]), dtype=g.dtype)
-        lse = theta.new_empty((B, N), dtype=lse_dtype(theta.dtype))
-        return y, lse
-
-    @torch.library.register_fake(f"{namespace}::softmax_bwd")
-    def _bwd_fake(dy, theta, phi, g, y, lse, scale):
-        return torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
+def op(qualname: str) -> torch._ops.OpOverload:
+    """The default overload of ``namespace::name``."""
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
 
 
-if _C is not None:
-    register_softmax_fakes(NAMESPACE)
+def double_backward_error(who: str) -> RuntimeError:
+    return RuntimeError(
+        f"double backward (a gradient of a gradient) is not supported by {who}: its backward "
+        f"kernels have no derivative of their own. Use backend='reference' (plain PyTorch, "
+        f"materialises N x M) to differentiate twice.")
 
 
-def make_softmax_function(fwd: Callable, bwd: Callable, name: str) -> type:
-    """An autograd.Function over a (softmax_fwd, softmax_bwd) pair.
+# ------------------------------------------------------------------------------------------
+# vmap: every op takes a leading batch dim, so a vmapped dim folds into it
+# ------------------------------------------------------------------------------------------
+def fold_batch(info, in_dims, args) -> list:
+    """args with each tensor's vmapped dim moved to the front and merged with its batch dim
+    (an unbatched tensor is expanded first): (V, B, ...) -> (V * B, ...)."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if isinstance(a, torch.Tensor):
+            a = a.movedim(d, 0) if d is not None else a.expand((info.batch_size,) + a.shape)
+            a = a.reshape((-1,) + a.shape[2:])
+        out.append(a)
+    return out
 
-    apply(theta, phi, g, scale) -> (y, lse). A gradient flowing into lse is supported without
-    changing the kernels: d lse_i / d S_ij = P_ij, so it only shifts D_i = rowsum(dy_i * y_i) by
-    -dlse_i. Appending a column (y: 1, dy: -dlse, g: 0) to the backward's inputs does exactly that;
-    the extra column of dg is dropped. It costs O((N + M) dv) and only runs when lse is used.
-    """
 
-    def forward(theta, phi, g, scale):
-        return fwd(theta, phi, g, scale)
+def unfold_batch(outputs, batch_size: int):
+    """The inverse of fold_batch on an op's outputs: (V * B, ...) -> (V, B, ...), out_dims 0."""
+    def one(t):
+        return t.reshape((batch_size, -1) + t.shape[1:])
+    if isinstance(outputs, torch.Tensor):
+        return one(outputs), 0
+    return tuple(one(t) for t in outputs), (0,) * len(outputs)
 
-    def setup_context(ctx, inputs, output):
-        theta, phi, g, scale = inputs
-        y, lse = output
-        ctx.save_for_backward(theta, phi, g, y, lse)
-        ctx.scale = scale
-        ctx.set_materialize_grads(False)
+
+def vmap_by_folding(fn: Callable) -> Callable:
+    """A vmap rule for an op ``fn(*args)`` whose tensor arguments and outputs all lead with the
+    batch dim: run it once on the folded batch."""
+    def rule(info, in_dims, *args):
+        return unfold_batch(fn(*fold_batch(info, in_dims, args)), info.batch_size)
+    return rule
+
+
+def vmap_by_loop(fn: Callable) -> Callable:
+    """A vmap rule that runs ``fn`` once per vmapped slice and stacks the outputs: for ops with
+    an output that is not per batch element (a weight's gradient sums over the batch)."""
+    def rule(info, in_dims, *args):
+        outs = [fn(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return rule
+
+
+
+# ------------------------------------------------------------------------------------------
+# The softmax family
+# ------------------------------------------------------------------------------------------
+def _softmax_fwd_fake(theta, phi, g, scale):
+    B, N, _ = theta.shape
+    y = theta.new_empty((B, N, g.shape[-1]), dtype=g.dtype)
+    lse = theta.new_empty((B, N), dtype=lse_dtype(theta.dtype))
+    return y, lse
+
+
+def _softmax_bwd_fake(dy, theta, phi, g, y, lse, scale):
+    return torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
+
+
+def softmax_grads(bwd: Callable, dy, dlse, theta, phi, g, y, lse, scale: float) -> tuple:
+    """(dtheta, dphi, dg) from the gradients of y and lse (either may be None).
+
+    A gradient into lse needs nothing new from the kernels: d lse_i / d S_ij = P_ij, so it only
+    shifts D_i = rowsum(dy_i * y_i) by -dlse_i. Appending a column (y: 1, dy: -dlse, g: 0) to
+    the backward's inputs does exactly that; the extra column of dg is dropped. It costs
+    O((N + M) dv) and only runs when lse is used."""
+    if dy is None and dlse is None:
+        return None, None, None
+    if dy is None:
+        dy = torch.zeros_like(y)
+    if dlse is not None:
+        y = torch.cat([y, y.new_ones(y.shape[:-1] + (1,))], dim=-1)
+        dy = torch.cat([dy, -dlse.to(dy.dtype).unsqueeze(-1)], dim=-1)
+        g = torch.cat([g, g.new_zeros(g.shape[:-1] + (1,))], dim=-1)
+    dtheta, dphi, dg = bwd(dy, theta, phi, g, y, lse, scale)
+    if dlse is not None:
+        dg = dg[..., :-1]
+    return dtheta, dphi, dg
+
+
+def _softmax_setup(ctx, inputs, output):
+    theta, phi, g, scale = inputs[-4:]
+    y, lse = output
+    ctx.save_for_backward(theta, phi, g, y, lse)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def register_softmax_ops(namespace: str, fake: bool = True) -> None:
+    """Register the fake, vmap and autograd of namespace::softmax_fwd / softmax_bwd.
+
+    ``fake=False`` when the op's own definition already provides one (Triton's triton_op)."""
+    fwd, bwd = op(f"{namespace}::softmax_fwd"), op(f"{namespace}::softmax_bwd")
+    if fake:
+        torch.library.register_fake(fwd, _softmax_fwd_fake)
+        torch.library.register_fake(bwd, _softmax_bwd_fake)
+    torch.library.register_vmap(fwd, vmap_by_folding(fwd))
+    torch.library.register_vmap(bwd, vmap_by_folding(bwd))
 
     def backward(ctx, dy, dlse):
         theta, phi, g, y, lse = ctx.saved_tensors
-        if dy is None and dlse is None:
-            return None, None, None, None
-        if dy is None:
-            dy = torch.zeros_like(y)
-        if dlse is not None:
-            y = torch.cat([y, y.new_ones(y.shape[:-1] + (1,))], dim=-1)
-            dy = torch.cat([dy, -dlse.to(dy.dtype).unsqueeze(-1)], dim=-1)
-            g = torch.cat([g, g.new_zeros(g.shape[:-1] + (1,))], dim=-1)
-        dtheta, dphi, dg = bwd(dy, theta, phi, g, y, lse, ctx.scale)
-        if dlse is not None:
-            dg = dg[..., :-1]
-        return dtheta, dphi, dg, None
+        return softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse, ctx.scale) + (None,)
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-    })
+    def refuse(ctx, *grads):
+        raise double_backward_error(f"{namespace}::softmax_bwd")
+
+    torch.library.register_autograd(fwd, backward, setup_context=_softmax_setup)
+    torch.library.register_autograd(bwd, refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+class SoftmaxBackward(torch.autograd.Function):
+    """``apply(who, namespace, dy, theta, phi, g, y, lse, scale)``: namespace's softmax_bwd, whose
+    own backward raises (``who``, the backend's name, appears in the message)."""
+
+    @staticmethod
+    def forward(who, namespace, dy, theta, phi, g, y, lse, scale):
+        return op(f"{namespace}::softmax_bwd")(dy, theta, phi, g, y, lse, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.who = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise double_backward_error(f"backend {ctx.who!r}")
+
+    @staticmethod
+    def vmap(info, in_dims, who, namespace, *args):
+        return vmap_by_folding(lambda *a: SoftmaxBackward.apply(who, namespace, *a))(
+            info, in_dims[2:], *args)
+
+
+class SoftmaxAttention(torch.autograd.Function):
+    """``apply(who, namespace, theta, phi, g, scale) -> (y, lse)`` through namespace's softmax
+    ops; ``who`` (the backend's name) appears in errors. Gradients flow into y and lse."""
+
+    @staticmethod
+    def forward(who, namespace, theta, phi, g, scale):
+        return op(f"{namespace}::softmax_fwd")(theta, phi, g, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _softmax_setup(ctx, inputs, output)
+        ctx.who, ctx.namespace = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy, dlse):
+        theta, phi, g, y, lse = ctx.saved_tensors
+
+        def bwd(dy, theta, phi, g, y, lse, scale):
+            return SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y, lse, scale)
+        return (None, None) + softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse,
+                                            ctx.scale) + (None,)
+
+    @staticmethod
+    def vmap(info, in_dims, who, namespace, theta, phi, g, scale):
+        theta, phi, g = fold_batch(info, in_dims[2:5], (theta, phi, g))
+        return unfold_batch(SoftmaxAttention.apply(who, namespace, theta, phi, g, scale),
+                            info.batch_size)
+
+
+def softmax_runner(who: str, namespace: str) -> Callable:
+    """A softmax backend's ``run``: SoftmaxAttention over namespace's ops."""
+    def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
+        y, lse = SoftmaxAttention.apply(who, namespace, theta, phi, g, float(scale))
+        return (y, lse) if return_lse else y
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# The compiled ops of this extension
+# ------------------------------------------------------------------------------------------
+def _concat_sorted_fwd_fake(a, neg_b_sorted, perm, g):
+    B, N = a.shape
+    M, dv = g.shape[1:]
+    return (a.new_empty((B, N, dv)), a.new_empty((B, M + 1, 2, dv)),
+            a.new_empty((B, N), dtype=torch.long))
+
+
+def _concat_sorted_bwd_fake(dy, a, k, P, neg_b_sorted, perm, g, theta, phi, w):
+    return (torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g),
+            a.new_empty((w.shape[0],)))
+
+
+def _concat_sorted_not_differentiable(ctx, *grads):
+    raise RuntimeError("nonlocal_kernels::concat_sorted_fwd / _bwd are the CPU kernels inside "
+                       "backend 'fast' and have no autograd of their own: differentiate through "
+                       "nonlocal_attention(..., mode='concatenation')")
+
+
+if _C is not None:
+    register_softmax_ops(NAMESPACE)
+    for _name, _fake in (("concat_sorted_fwd", _concat_sorted_fwd_fake),
+                         ("concat_sorted_bwd", _concat_sorted_bwd_fake)):
+        torch.library.register_fake(op(f"{NAMESPACE}::{_name}"), _fake)
+        torch.library.register_autograd(op(f"{NAMESPACE}::{_name}"),
+                                        _concat_sorted_not_differentiable,
+                                        setup_context=lambda ctx, inputs, output: None)

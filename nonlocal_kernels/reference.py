@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .backends.registry import SOFTMAX_MODES
+from . import modes as _modes
 
 
 def _softmax_logits(theta: torch.Tensor, phi: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,16 +28,17 @@ def pairwise_weight(theta: torch.Tensor, phi: torch.Tensor, mode: str, scale: fl
                     concat_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The normalised affinity f(x_i, x_j) / C(x), shape (..., N, M)."""
     M = phi.shape[-2]
-    if mode in SOFTMAX_MODES:
+    family = _modes.get(mode).family
+    if family == "softmax":
         return torch.softmax(_softmax_logits(theta, phi, scale), dim=-1)
-    if mode == "dot_product":
+    if family == "dot_product":
         return (theta @ phi.transpose(-1, -2)) / M
-    if mode == "concatenation":
+    if family == "concatenation":
         dk = theta.shape[-1]
         a = theta @ concat_weight[:dk]  # (..., N)
         b = phi @ concat_weight[dk:]  # (..., M)
         return torch.relu(a.unsqueeze(-1) + b.unsqueeze(-2)) / M
-    raise ValueError(f"mode: unknown mode {mode!r}")
+    raise AssertionError(f"mode {mode!r}: family {family!r} has no reference formula")
 
 
 def nonlocal_reference(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *,
@@ -46,7 +47,7 @@ def nonlocal_reference(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, 
                        return_lse: bool = False):
     """y = pairwise_weight(theta, phi) @ g; with return_lse also the softmax lse (B, N)."""
     if return_lse:
-        if mode not in SOFTMAX_MODES:
+        if not _modes.get(mode).has_lse:
             raise ValueError(f"return_lse: only the softmax modes have an lse, not {mode!r}")
         logits = _softmax_logits(theta, phi, scale)
         return torch.softmax(logits, dim=-1) @ g, _lse(logits)

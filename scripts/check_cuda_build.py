@@ -26,8 +26,9 @@ def main() -> int:
     else:
         print("no nvcc or no CUDA build of torch: CUDA kernels not built (not checked)")
     if os.environ.get("NONLOCAL_KERNELS_EMU", "1") == "1":
-        if cuda_emu.unavailable_reason():
-            failures.append(f"emulated CUDA extension missing: {cuda_emu.unavailable_reason()}")
+        reason = cuda_emu.BACKEND.unavailable_reason()
+        if reason:
+            failures.append(f"emulated CUDA extension missing: {reason}")
         else:
             print("nonlocal_kernels._C_emu built (backend cuda_emu)")
     for f in failures:

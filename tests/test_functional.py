@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nonlocal_kernels
-from nonlocal_kernels import nonlocal_attention
+from nonlocal_kernels import modes, nonlocal_attention
 from nonlocal_kernels.backends import registry
 from nonlocal_kernels.testing import assert_all_ok, compare_with_oracle, make_inputs, max_abs_diff
 
@@ -57,7 +57,7 @@ def test_empty_n_returns_empty_result_with_gradients(mode):
     theta = torch.randn(2, 0, 3, requires_grad=True)
     phi = torch.randn(2, 4, 3, requires_grad=True)
     g = torch.randn(2, 4, 6, requires_grad=True)
-    w = torch.randn(6) if mode == "concatenation" else None
+    w = torch.randn(6) if modes.get(mode).takes_concat_weight else None
     y = nonlocal_attention(theta, phi, g, mode=mode, concat_weight=w)
     assert y.shape == (2, 0, 6) and y.dtype == torch.float32
     y.sum().backward()
@@ -104,17 +104,18 @@ def test_available_backends_lists_reference_with_its_status():
     rows = {b["name"]: b for b in nonlocal_kernels.available_backends()}
     ref = rows["reference"]
     assert ref["available"] and ref["reason"] is None
-    assert set(ref["modes"]) == set(registry.MODES)
+    assert set(ref["modes"]) == set(modes.NAMES)
     assert set(ref["dtypes"]) == {"float64", "float32", "float16", "bfloat16"}
 
 
-def _fake_backend(name, priority=10, reason=None, modes=registry.MODES, auto=True, calls=None):
+def _fake_backend(name, priority=10, reason=None, families=registry.FAMILIES, auto=True,
+                  calls=None):
     def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
         calls.append(name)
         return registry.get("reference").run(theta, phi, g, mode=mode, scale=scale,
                                              concat_weight=concat_weight, return_lse=return_lse)
-    return registry.Backend(name=name, description="test", modes=modes,
-                            dtypes=registry.FLOAT_DTYPES, devices=("cpu",), run=run,
+    return registry.Backend(name=name, description="test", families=families,
+                            dtypes=modes.FLOAT_DTYPES, devices=("cpu",), run=run,
                             priority=priority, unavailable_reason=lambda: reason,
                             how_to_enable="Install the frobnicator." if reason else "", auto=auto)
 
@@ -123,12 +124,10 @@ def test_auto_picks_highest_priority_available_backend(monkeypatch):
     # Only the reference and the fakes: the real backends (priorities up to 200) stay out.
     monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     calls = []
-    # Only the reference and the fakes: real backends (cpu, 50) may outrank them.
-    monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
     for b in (_fake_backend("t_low", 10, calls=calls), _fake_backend("t_high", 20, calls=calls),
               _fake_backend("t_missing", 30, reason="frobnicator not installed", calls=calls),
               _fake_backend("t_testonly", 40, auto=False, calls=calls),
-              _fake_backend("t_dotonly", 50, modes=("dot_product",), calls=calls)):
+              _fake_backend("t_dotonly", 50, families=("dot_product",), calls=calls)):
         monkeypatch.setitem(registry._REGISTRY, b.name, b)
     theta, phi, g = inputs()
     nonlocal_attention(theta, phi, g)
@@ -146,7 +145,7 @@ def test_naming_an_unavailable_backend_says_what_is_missing(monkeypatch):
 
 
 def test_naming_a_backend_that_cannot_run_the_call(monkeypatch):
-    b = _fake_backend("t_dotonly", modes=("dot_product",), calls=[])
+    b = _fake_backend("t_dotonly", families=("dot_product",), calls=[])
     monkeypatch.setitem(registry._REGISTRY, b.name, b)
     theta, phi, g = inputs()
     with pytest.raises(ValueError, match="'t_dotonly' cannot run this call: mode "
@@ -157,5 +156,5 @@ def test_naming_a_backend_that_cannot_run_the_call(monkeypatch):
 def test_registry_rejects_duplicates_and_unknown_modes():
     with pytest.raises(ValueError, match="already registered"):
         registry.register(_fake_backend("reference", calls=[]))
-    with pytest.raises(ValueError, match="unknown mode"):
-        registry.register(_fake_backend("t_bad", modes=("cosine",), calls=[]))
+    with pytest.raises(ValueError, match="unknown family"):
+        registry.register(_fake_backend("t_bad", families=("cosine",), calls=[]))

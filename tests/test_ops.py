@@ -1,6 +1,6 @@
-"""The compiled-op layer: schemas, fake kernels, the shared autograd.Function (checked with a
-pure-PyTorch op pair written from DESIGN.md section 4's backward formulas), and the package
-working without the extension."""
+"""The op layer: schemas, fakes, the registration every softmax namespace gets (checked with a
+pure-PyTorch op pair written from the backward formulas of docs/design.md), and the package
+working without the extension. Every backend's ops also go through tests/test_conformance.py."""
 
 import subprocess
 import sys
@@ -27,6 +27,23 @@ def test_extension_is_built_and_registers_both_schemas():
     assert len(bwd.returns) == 3
 
 
+def test_python_and_cpp_schemas_agree():
+    # csrc/ops_schema.h defines the C++ namespaces, ops.SOFTMAX_SCHEMAS the Triton one.
+    namespaces = [ops.NAMESPACE, "nonlocal_kernels_emu", "nonlocal_kernels_triton", PY_NS]
+    for name, schema in ops.SOFTMAX_SCHEMAS.items():
+        for ns in namespaces:
+            if ops._op_exists(f"{ns}::{name}"):
+                got = str(ops.op(f"{ns}::{name}")._schema)
+                assert got == f"{ns}::{name}{schema}", got
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_lse_dtype_is_the_same_in_cpp_and_python(dtype):
+    theta, phi, g = make_inputs(1, 3, 2, 4, 2, dtype=dtype)
+    _, lse = torch.ops.nonlocal_kernels.softmax_fwd(theta, phi, g, 1.0)
+    assert lse.dtype == ops.lse_dtype(dtype)
+
+
 @pytest.mark.parametrize("dtype,lse_dtype", [(torch.float16, torch.float32),
                                              (torch.bfloat16, torch.float32),
                                              (torch.float64, torch.float64)])
@@ -49,12 +66,18 @@ def test_kernel_unavailable_reason_names_the_missing_kernel():
     assert "is not registered" in ops.kernel_unavailable_reason("CPU", namespace="no_such_ns")
 
 
-# A pure-PyTorch (softmax_fwd, softmax_bwd) pair: exactly what a kernel computes, so the shared
-# autograd.Function can be tested before (and independently of) any kernel.
+# A pure-PyTorch (softmax_fwd, softmax_bwd) op pair: exactly what a kernel computes, so the op
+# layer (ops.register_softmax_ops, SoftmaxAttention, registry.softmax_backend) is tested before,
+# and independently of, any kernel.
+PY_NS = "nlk_test_py"
+
+
 def _acc(t):  # accumulate in float32, float64 for float64 (like the kernels)
     return t.to(ops.lse_dtype(t.dtype))
 
 
+@torch.library.custom_op(f"{PY_NS}::softmax_fwd", mutates_args=(),
+                         schema=ops.SOFTMAX_SCHEMAS["softmax_fwd"])
 def _py_fwd(theta, phi, g, scale):
     s = scale * (_acc(theta) @ _acc(phi).transpose(1, 2))
     lse = torch.logsumexp(s, -1)
@@ -62,6 +85,8 @@ def _py_fwd(theta, phi, g, scale):
     return y, lse
 
 
+@torch.library.custom_op(f"{PY_NS}::softmax_bwd", mutates_args=(),
+                         schema=ops.SOFTMAX_SCHEMAS["softmax_bwd"])
 def _py_bwd(dy, theta, phi, g, y, lse, scale):
     s = scale * (_acc(theta) @ _acc(phi).transpose(1, 2))
     p = torch.exp(s - lse.unsqueeze(-1))
@@ -72,29 +97,28 @@ def _py_bwd(dy, theta, phi, g, y, lse, scale):
             (scale * ds.transpose(1, 2) @ _acc(theta)).to(phi.dtype), dg.to(g.dtype))
 
 
-PyFn = ops.make_softmax_function(_py_fwd, _py_bwd, "PySoftmaxForTest")
+ops.register_softmax_ops(PY_NS)
 
 
 @pytest.fixture
 def py_backend(monkeypatch):
-    def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-        y, lse = PyFn.apply(theta, phi, g, scale)
-        return (y, lse) if return_lse else y
-    b = registry.Backend(name="t_pyops", description="test", modes=registry.SOFTMAX_MODES,
-                         dtypes=(torch.float64, torch.float32), devices=("cpu",), run=run,
-                         auto=False)
+    b = registry.softmax_backend(
+        name="t_pyops", namespace=PY_NS, dispatch_key="CompositeExplicitAutograd",
+        description="test", devices=("cpu",), dtypes=(torch.float64, torch.float32),
+        priority=0, how_to_enable="", auto=False)
+    assert b.unavailable_reason() is None
     monkeypatch.setitem(registry._REGISTRY, b.name, b)
     return b.name
 
 
 @pytest.mark.parametrize("return_lse", [False, True])
-def test_shared_autograd_function_matches_the_oracle(py_backend, return_lse):
+def test_softmax_op_layer_matches_the_oracle(py_backend, return_lse):
     theta, phi, g = make_inputs(2, 11, 7, 5, 3, layout="channels_first")
     assert_all_ok(compare_with_oracle(theta, phi, g, backend=py_backend, scale=0.7,
                                       return_lse=return_lse))
 
 
-def test_shared_autograd_function_gradcheck_through_y_and_lse(py_backend):
+def test_softmax_op_layer_gradcheck_through_y_and_lse(py_backend):
     theta, phi, g = (t.detach().requires_grad_() for t in
                      make_inputs(2, 6, 5, 3, 4, dtype=torch.float64))
 
@@ -104,7 +128,7 @@ def test_shared_autograd_function_gradcheck_through_y_and_lse(py_backend):
     assert torch.autograd.gradcheck(fn, (theta, phi, g))
 
 
-def test_shared_autograd_function_lse_only_gradient(py_backend):
+def test_softmax_op_layer_lse_only_gradient(py_backend):
     theta, phi, g = (t.detach().requires_grad_() for t in
                      make_inputs(1, 6, 5, 3, 4, dtype=torch.float64))
     _, lse = nonlocal_kernels.nonlocal_attention(theta, phi, g, return_lse=True,
@@ -114,6 +138,19 @@ def test_shared_autograd_function_lse_only_gradient(py_backend):
     torch.logsumexp(t2 @ p2.transpose(1, 2), -1).sum().backward()
     assert torch.allclose(theta.grad, t2.grad) and torch.allclose(phi.grad, p2.grad)
     assert g.grad is None or g.grad.abs().max() == 0
+
+
+def test_the_ops_themselves_are_differentiable_once():
+    # register_autograd on the op: a direct call of the forward op has the backward formula,
+    # and a second derivative through the backward op raises instead of being wrong.
+    theta, phi, g = (t.detach().requires_grad_() for t in
+                     make_inputs(2, 6, 5, 3, 4, dtype=torch.float64))
+    fwd = torch.ops.nlk_test_py.softmax_fwd
+    assert torch.autograd.gradcheck(lambda t, p, v: fwd(t, p, v, 0.8), (theta, phi, g))
+    y, _ = fwd(theta, phi, g, 0.8)
+    (dt,) = torch.autograd.grad(y.square().sum(), theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* nlk_test_py::softmax_bwd"):
+        dt.sum().backward()
 
 
 def test_package_imports_and_reference_works_without_the_extension():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nonlocal_kernels import testing
+from nonlocal_kernels.modes import FLOAT_DTYPES
 from nonlocal_kernels.testing import (Check, assert_all_ok, check_close, compare_with_oracle,
                                       make_inputs, max_abs_diff, poison_, tolerance)
 
@@ -74,8 +75,8 @@ def test_compare_with_oracle_catches_a_wrong_backend(monkeypatch):
                                   concat_weight=concat_weight, return_lse=return_lse)
 
     monkeypatch.setitem(registry._REGISTRY, "wrong_for_test", registry.Backend(
-        name="wrong_for_test", description="", modes=registry.MODES,
-        dtypes=registry.FLOAT_DTYPES, devices=("cpu",), run=wrong, auto=False))
+        name="wrong_for_test", description="", families=registry.FAMILIES,
+        dtypes=FLOAT_DTYPES, devices=("cpu",), run=wrong, auto=False))
     inputs = make_inputs(2, 9, 6, 5, 3)
     assert_all_ok(compare_with_oracle(*inputs, backend="reference", scale=0.5))
     checks = compare_with_oracle(*inputs, backend="wrong_for_test", scale=0.5)

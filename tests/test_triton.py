@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nonlocal_kernels as nk
+from nonlocal_kernels import ops
 from nonlocal_kernels.backends import registry
 from nonlocal_kernels.testing import assert_all_ok, compare_with_oracle, make_inputs
 
@@ -75,26 +76,6 @@ def test_tiny_shapes(shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_single_key(dtype):
-    # M == 1: every weight is 1, so y is g broadcast (exactly), lse = scale * theta.phi, dg is
-    # the column sum of dy, and dtheta, dphi vanish (the relative rule cannot judge a zero
-    # gradient, so they get an absolute bound of float32/float16 rounding of dy.g).
-    theta, phi, g = (t.requires_grad_() for t in make_inputs(2, 7, 1, 12, 20, dtype=dtype,
-                                                              device=DEVICE))
-    y, lse = nk.nonlocal_attention(theta, phi, g, backend="triton", scale=0.7, return_lse=True)
-    assert torch.equal(y, g.expand(2, 7, 20))
-    ref_lse = 0.7 * (theta.double() @ phi.double().transpose(1, 2)).squeeze(-1)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
-    dy = torch.randn_like(y)
-    dth, dph, dg = torch.autograd.grad(y, (theta, phi, g), dy)
-    torch.testing.assert_close(dg.double(), dy.double().sum(1, keepdim=True),
-                               rtol=1e-2 if dtype == torch.float16 else 1e-5, atol=1e-5)
-    eps = torch.finfo(dtype).eps * 8 * dy.abs().max().item() * g.abs().max().item() * 20
-    assert dth.abs().max().item() <= eps * phi.abs().max().item()
-    assert dph.abs().max().item() <= eps * theta.abs().max().item() * 7
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("dk,dv", [(256, 16), (16, 256)], ids=["big_dk", "big_dv"])
 def test_large_head_dim_small_other(dk, dv, dtype):
     # 8 dk chunks (S accumulated over chunks, dphi/dtheta written in 8 parts) with one dv tile,
@@ -106,11 +87,6 @@ def test_large_head_dim_small_other(dk, dv, dtype):
 @pytest.mark.parametrize("scale", [1.0, -0.7, 0.0])
 def test_modes_and_scales(mode, scale):
     check(2, 21, 18, 20, 12, mode=mode, scale=scale, return_lse=False)
-
-
-def test_without_lse_output():
-    # Only y is used: no gradient flows into lse (the backward gets dlse = None).
-    check(2, 30, 41, 24, 40, return_lse=False)
 
 
 @pytest.mark.parametrize("strategy", ["accumulate", "recompute"])
@@ -134,57 +110,17 @@ def test_bad_strategy_knob(monkeypatch):
         y.sum().backward()
 
 
-def test_extra_batch_dims_and_broadcast_strides():
-    # 4-D inputs (flattened to 3-D by the API) and a g broadcast over the batch (stride 0).
-    theta = torch.randn(2, 3, 19, 24, device=DEVICE)
-    phi = torch.randn(2, 3, 24, 14, device=DEVICE).transpose(-1, -2)
-    g = torch.randn(1, 1, 14, 20, device=DEVICE).expand(2, 3, 14, 20)
-    assert_all_ok(compare_with_oracle(theta, phi, g, backend="triton", scale=0.3,
-                                      return_lse=True))
-
-
-def test_zero_strided_upstream_gradient():
-    # y.sum().backward() hands the kernels a dy with all-zero strides.
-    theta, phi, g = (t.requires_grad_() for t in make_inputs(2, 23, 31, 24, 16, device=DEVICE))
-    nk.nonlocal_attention(theta, phi, g, backend="triton", scale=0.4).sum().backward()
-    got = [t.grad.clone() for t in (theta, phi, g)]
-    for t in (theta, phi, g):
-        t.grad = None
-    nk.nonlocal_attention(theta, phi, g, backend="reference", scale=0.4).sum().backward()
-    for a, t in zip(got, (theta, phi, g)):
-        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_backward_is_deterministic(dtype):
-    theta, phi, g = (t.requires_grad_() for t in make_inputs(2, 45, 38, 40, 24, dtype=dtype,
-                                                              device=DEVICE))
-    dy = torch.randn(2, 45, 24, dtype=dtype, device=DEVICE)
-    dlse = torch.randn(2, 45, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        y, lse = nk.nonlocal_attention(theta, phi, g, backend="triton", return_lse=True)
-        runs.append((y, lse) + torch.autograd.grad((y, lse), (theta, phi, g), (dy, dlse)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-
-
-def test_ops_fake_and_schema():
-    theta, phi, g = make_inputs(2, 19, 23, 20, 12, device=DEVICE)
-    torch.library.opcheck(L.softmax_fwd, (theta, phi, g, 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
-    y, lse = L.softmax_fwd(theta, phi, g, 0.5)
-    assert y.shape == (2, 19, 12) and y.dtype == g.dtype and lse.dtype == torch.float32
-    dy = torch.randn_like(y)
-    torch.library.opcheck(L.softmax_bwd, (dy, theta, phi, g, y, lse, 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 def test_registration():
     info = {b["name"]: b for b in nk.available_backends()}["triton"]
     assert info["available"] and info["priority"] == 100
     assert set(info["modes"]) == {"embedded_gaussian", "gaussian"}
-    assert info["dtypes"] == ["float32", "float16", "bfloat16"]
+    # The interpreter has no bfloat16 dot product: there bfloat16 is refused, not run.
+    assert info["dtypes"] == (["float32", "float16"] if L.INTERPRET
+                              else ["float32", "float16", "bfloat16"])
+    if L.INTERPRET:
+        with pytest.raises(ValueError, match="triton.*bfloat16 is not supported"):
+            nk.nonlocal_attention(*make_inputs(1, 5, 4, 8, 8, dtype=torch.bfloat16),
+                                  backend="triton")
     theta, phi, g = make_inputs(1, 5, 4, 8, 8, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="triton.*float64"):
         nk.nonlocal_attention(theta, phi, g, backend="triton")
@@ -195,7 +131,7 @@ def test_registration():
         # The interpreter is for tests only: auto never picks it.
         assert not info["auto"]
         theta, phi, g = make_inputs(1, 5, 4, 8, 8, device="cpu")
-        assert registry.select("auto", theta, phi, g, "embedded_gaussian").name != "triton"
+        assert registry.select("auto", theta, "embedded_gaussian").name != "triton"
 
 
 def test_kernels_compile_for_gpu_targets():
@@ -339,7 +275,7 @@ def test_torch_compile_op_gpu():
     case = _compile_case()
 
     def f(theta, phi, g):
-        return L.SoftmaxFunction.apply(theta, phi, g, 0.125)
+        return ops.SoftmaxAttention.apply("triton", L.NAMESPACE, theta, phi, g, 0.125)
 
     eager = _grads(f, *case)
     compiled = _grads(torch.compile(f, fullgraph=True), *case)
@@ -365,5 +301,5 @@ def test_torch_compile_api_gpu():
 @pytest.mark.gpu
 def test_auto_picks_triton_on_gpu():
     theta, phi, g = make_inputs(1, 64, 64, 32, 32, device="cuda")
-    assert registry.select("auto", theta, phi, g, "embedded_gaussian").name == "triton"
+    assert registry.select("auto", theta, "embedded_gaussian").name == "triton"
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")

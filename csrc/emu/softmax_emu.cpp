@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/softmax_host.h"
+#include "ops_schema.h"
 
 namespace nonlocal_kernels {
 namespace {
@@ -51,10 +52,7 @@ std::string get_run_order() { return emu_kernels::get_run_order(); }
 }  // namespace
 
 TORCH_LIBRARY(nonlocal_kernels_emu, m) {
-  m.def("softmax_fwd(Tensor theta, Tensor phi, Tensor g, float scale) -> (Tensor y, Tensor lse)");
-  m.def(
-      "softmax_bwd(Tensor dy, Tensor theta, Tensor phi, Tensor g, Tensor y, Tensor lse, "
-      "float scale) -> (Tensor dtheta, Tensor dphi, Tensor dg)");
+  define_softmax_ops(m);
   m.def("set_run_order(str order) -> ()", &set_run_order);
   m.def("get_run_order() -> str", &get_run_order);
 }

@@ -18,39 +18,32 @@ import contextlib
 import torch
 
 from .. import ops
-from .registry import SOFTMAX_MODES, Backend, register
+from .registry import register, softmax_backend
 
 NAMESPACE = "nonlocal_kernels_emu"
 
 try:
     from .. import _C_emu  # noqa: F401  (registers torch.ops.nonlocal_kernels_emu.*)
-    _UNAVAILABLE = ops.kernel_unavailable_reason("CPU", namespace=NAMESPACE)
+    _NOT_LOADED = None
+    ops.register_softmax_ops(NAMESPACE)
 except ImportError as exc:
     _C_emu = None
-    _UNAVAILABLE = f"nonlocal_kernels._C_emu is not built or failed to load ({exc})"
-
-_Function = None
-if _UNAVAILABLE is None:
-    ops.register_softmax_fakes(NAMESPACE)
-    _Function = ops.make_softmax_function(torch.ops.nonlocal_kernels_emu.softmax_fwd,
-                                          torch.ops.nonlocal_kernels_emu.softmax_bwd,
-                                          "NonlocalSoftmaxCUDAEmu")
+    _NOT_LOADED = f"nonlocal_kernels._C_emu is not built or failed to load ({exc})"
 
 
-def unavailable_reason():
-    return _UNAVAILABLE
+def _check_loaded() -> None:
+    if _NOT_LOADED is not None:
+        raise RuntimeError(f"backend 'cuda_emu' is not available: {_NOT_LOADED}")
 
 
 def set_run_order(order: str) -> None:
     """Run order of emulated threads and blocks: "forward", "reverse" or "random:SEED"."""
-    if _UNAVAILABLE is not None:
-        raise RuntimeError(f"backend 'cuda_emu' is not available: {_UNAVAILABLE}")
+    _check_loaded()
     torch.ops.nonlocal_kernels_emu.set_run_order(order)
 
 
 def get_run_order() -> str:
-    if _UNAVAILABLE is not None:
-        raise RuntimeError(f"backend 'cuda_emu' is not available: {_UNAVAILABLE}")
+    _check_loaded()
     return torch.ops.nonlocal_kernels_emu.get_run_order()
 
 
@@ -65,21 +58,16 @@ def run_order(order: str):
         set_run_order(previous)
 
 
-def _run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-    y, lse = _Function.apply(theta, phi, g, float(scale if scale is not None else 1.0))
-    return (y, lse) if return_lse else y
-
-
-BACKEND = register(Backend(
+BACKEND = register(softmax_backend(
     name="cuda_emu",
+    namespace=NAMESPACE,
+    dispatch_key="CPU",
     description="the CUDA kernels run on CPU tensors by the host emulator (tests only, slow)",
-    modes=SOFTMAX_MODES,
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
     devices=("cpu",),
-    run=_run,
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
     priority=0,
-    unavailable_reason=lambda: _UNAVAILABLE,
     how_to_enable=("Build the test extension: `NONLOCAL_KERNELS_EMU=1 pip install "
                    "--no-build-isolation -e .` (needs CUDA's headers, e.g. /usr/local/cuda)."),
+    not_loaded=_NOT_LOADED,
     auto=False,
 ))

@@ -2,15 +2,27 @@
 
 Both modes have algebraic shortcuts that never form the N x M affinity. Written with PyTorch ops
 (bmm, sort, searchsorted, embedding_bag, cumsum / triangular matmul, index_select), so they run
-on CPU and CUDA tensors alike, as autograd.Functions with explicit backward passes.
+on CPU and CUDA tensors alike. The ops (namespace nonlocal_kernels_fast, see ops.py for what is
+registered on them):
 
-dot_product, y = (theta phi^T) g / M:
-  - "reordered": y = theta (phi^T g / M). Forward 2·dk·dv·(N+M) FLOPs, a (dk, dv) intermediate.
-    Backward dtheta = dy K^T with K = phi^T g / M; dK = theta^T dy / M; dphi = g dK^T; dg = phi dK.
+  dot_product(a, b, c, scale) -> (y, k)          y = scale (a b^T) c, k = scale b^T c
+  dot_product_bwd(dy, a, b, c, k, scale) -> (da, db, dc)
+  concat_fwd(theta, phi, g, w) -> (y, a, neg_b_sorted, perm, k, P)
+  concat_bwd(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P) -> (dtheta, dphi, dg, dw)
+
+Outputs that stand for an input (y for theta, a gradient for its input) are channels-first when
+that input is, so autograd and the modules' transposes copy nothing.
+
+dot_product, y = (theta phi^T) g / M (scale = 1/M):
+  - "reordered": y = theta K with K = phi^T g / M. Forward 2·dk·dv·(N+M) FLOPs, a (dk, dv)
+    intermediate (returned as k). Backward dtheta = dy K^T; dK = theta^T dy / M;
+    dphi = g dK^T; dg = phi dK.
   - "naive": S = theta phi^T (N x M), y = S g / M. Forward 2·N·M·(dk+dv) FLOPs.
   Each call takes the path with fewer FLOPs (backward has the same ratio as forward). "naive" is
   only taken when N·M·(dk+dv) < dk·dv·(N+M), which implies N·M < min(dk, dv)·(N+M): its N x M
   matrix is then no bigger than the inputs, so memory stays O((N+M)·d) either way.
+  Every gradient is again a dot product of the same form, so the backward is differentiable
+  to any order (double backward is exact).
 
 concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b = phi·w_phi:
   query i reaches exactly the keys with -b_j < a_i, i.e. the k_i keys of largest b, where
@@ -36,6 +48,7 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
   gradients stay PyTorch ops. On this 2-core dev VM they take I3D res3 forward+backward from
   about 8 ms to about 4-5 ms (benchmarks/results/fast-paths-2026-11-24.md).
   :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
+  A second backward through concatenation raises (it has no derivative of its own).
 
 Precision: a, b and every sum are computed in float32 from float16/bfloat16 inputs (float64 for
 float64 inputs) and the results are rounded to the input dtype at the end. The pure-PyTorch da
@@ -54,9 +67,10 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .registry import FLOAT_DTYPES, Backend, register
+from .. import ops
+from ..modes import FLOAT_DTYPES, MODES
+from .registry import Backend, register
 
 DOT_PATHS = ("reordered", "naive")
 
@@ -140,80 +154,217 @@ def _mm(x: torch.Tensor, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# dot_product
+# Layouts: outputs are channels-first when the tensor they stand for is
 # ---------------------------------------------------------------------------------------------
 
-class _DotReordered(torch.autograd.Function):
-    """y = theta (phi^T g / M); never forms N x M."""
+def _channels_first(t: torch.Tensor) -> bool:
+    """Whether t (B, L, d) is a channels-first view (each t[b] the transpose of a contiguous
+    (d, L) matrix), as the modules pass theta / phi / g."""
+    return t.shape[1] > 1 and t.transpose(1, 2).is_contiguous()
+
+
+def _empty_laid_out_like(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (B, L, d) tensor, channels-first when ``like`` is (else contiguous): gradients
+    and outputs in the layout of what they stand for need no layout copy in autograd or in the
+    modules' transposes. The ops and their fakes both lay outputs out with this."""
+    B, L, d = shape
+    if _channels_first(like):
+        return like.new_empty((B, d, L), dtype=dtype).transpose(1, 2)
+    return like.new_empty((B, L, d), dtype=dtype)
+
+
+def _bmm_into(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = bmm(x, y) (rounded to out's dtype), computed in out's layout: a channels-first
+    out takes the transposed product bmm(y^T, x^T), which costs the same as the plain one."""
+    cf = _channels_first(out)
+    if out.dtype == x.dtype and (cf or out.is_contiguous()):
+        if cf:
+            torch.bmm(y.transpose(1, 2), x.transpose(1, 2), out=out.transpose(1, 2))
+        else:
+            torch.bmm(x, y, out=out)
+    else:
+        r = torch.bmm(y.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2) if cf \
+            else torch.bmm(x, y)
+        out.copy_(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dot_product: y = scale (a b^T) c
+# ---------------------------------------------------------------------------------------------
+
+FAST_NS = "nonlocal_kernels_fast"
+
+
+def _dot_shapes(a, b, c):
+    B, L, d1 = a.shape
+    K, d2 = c.shape[1:]
+    return B, L, K, d1, d2
+
+
+@torch.library.custom_op(f"{FAST_NS}::dot_product", mutates_args=())
+def dot_product_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, k): y = scale (a b^T) c, (B, L, d1), (B, K, d1), (B, K, d2) -> (B, L, d2) laid out
+    like a, by the cheaper exact order; k = scale b^T c (B, d1, d2), the reordered path's
+    product, which the backward reuses."""
+    B, L, K, d1, d2 = _dot_shapes(a, b, c)
+    path = choose_dot_product_path(L, K, d1, d2)
+    _note("dot_product", path)
+    cdt = _compute_dtype(a.dtype)
+    k = torch.bmm(b.to(cdt).transpose(1, 2), c.to(cdt)).mul_(scale)  # (B, d1, d2)
+    y = _empty_laid_out_like(a, (B, L, d2), a.dtype)
+    if path == "reordered":
+        _bmm_into(a.to(cdt), k, y)
+    else:
+        S = torch.bmm(a.to(cdt), b.to(cdt).transpose(1, 2)).mul_(scale)  # (B, L, K)
+        _bmm_into(S, c.to(cdt), y)
+    return y, k
+
+
+@dot_product_op.register_fake
+def _(a, b, c, scale):
+    B, L, K, d1, d2 = _dot_shapes(a, b, c)
+    return (_empty_laid_out_like(a, (B, L, d2), a.dtype),
+            a.new_empty((B, d1, d2), dtype=_compute_dtype(a.dtype)))
+
+
+@torch.library.custom_op(f"{FAST_NS}::dot_product_bwd", mutates_args=())
+def dot_product_bwd_op(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                       k: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db, dc) of y = scale (a b^T) c, each laid out like its input:
+    da = scale (dy c^T) b = dy k^T, db = scale (c dy^T) a, dc = scale (b a^T) dy."""
+    B, L, K, d1, d2 = _dot_shapes(a, b, c)
+    cdt = k.dtype
+    x, p, v, dy = a.to(cdt), b.to(cdt), c.to(cdt), dy.to(cdt)
+    da = _empty_laid_out_like(a, a.shape, a.dtype)
+    db = _empty_laid_out_like(b, b.shape, b.dtype)
+    dc = _empty_laid_out_like(c, c.shape, c.dtype)
+    if choose_dot_product_path(L, K, d1, d2) == "reordered":
+        _bmm_into(dy, k.transpose(1, 2), da)
+        dk = torch.bmm(x.transpose(1, 2), dy).mul_(scale)  # (B, d1, d2)
+        _bmm_into(v, dk.transpose(1, 2), db)
+        _bmm_into(p, dk, dc)
+    else:
+        dS = torch.bmm(dy, v.transpose(1, 2)).mul_(scale)  # (B, L, K)
+        _bmm_into(dS, p, da)
+        _bmm_into(dS.transpose(1, 2), x, db)
+        del dS
+        S = torch.bmm(x, p.transpose(1, 2)).mul_(scale)
+        _bmm_into(S.transpose(1, 2), dy, dc)
+    return da, db, dc
+
+
+@dot_product_bwd_op.register_fake
+def _(dy, a, b, c, k, scale):
+    return tuple(_empty_laid_out_like(t, t.shape, t.dtype) for t in (a, b, c))
+
+
+def _dot_double_backward(dot, dy, a, b, c, scale, ua, ub, uc) -> tuple:
+    """Gradients (for dy, a, b, c) of <ua, da> + <ub, db> + <uc, dc> with da, db, dc as in
+    dot_product_bwd: each term is again a dot product, dot(x, y, z) = scale (x y^T) z, so this
+    is differentiable to any order. None upstream gradients contribute nothing."""
+    def total(*terms):
+        terms = [dot(*t) for t in terms if all(x is not None for x in t)]
+        return sum(terms[1:], terms[0]) if terms else None
+    return (total((ua, b, c), (a, ub, c), (a, b, uc)),
+            total((dy, c, ub), (dy, uc, b)),
+            total((c, dy, ua), (uc, dy, a)),
+            total((b, ua, dy), (ub, a, dy)))
+
+
+def _dot_setup(ctx, inputs, output):
+    a, b, c, scale = inputs[-4:]
+    ctx.save_for_backward(a, b, c, output[1])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _dot_bwd_setup(ctx, inputs, output):
+    dy, a, b, c, k, scale = inputs
+    ctx.save_for_backward(dy, a, b, c)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _register_dot_autograd():
+    def backward(ctx, dy, dk):
+        a, b, c, k = ctx.saved_tensors
+        if dy is None:
+            return None, None, None, None
+        return dot_product_bwd_op(dy, a, b, c, k, ctx.scale) + (None,)
+
+    def double_backward(ctx, ua, ub, uc):
+        dy, a, b, c = ctx.saved_tensors
+
+        def dot(x, y, z):
+            return dot_product_op(x, y, z, ctx.scale)[0]
+        return _dot_double_backward(dot, dy, a, b, c, ctx.scale, ua, ub, uc) + (None, None)
+
+    dot_product_op.register_autograd(backward, setup_context=_dot_setup)
+    dot_product_bwd_op.register_autograd(double_backward, setup_context=_dot_bwd_setup)
+    dot_product_op.register_vmap(ops.vmap_by_folding(dot_product_op))
+    dot_product_bwd_op.register_vmap(ops.vmap_by_folding(dot_product_bwd_op))
+
+
+_register_dot_autograd()
+
+
+class DotProduct(torch.autograd.Function):
+    """``apply(a, b, c, scale) -> (y, k)`` through the dot_product ops, for torch.func (see
+    ops.py); its backward is :class:`DotProductBackward`, itself differentiable."""
 
     @staticmethod
-    def forward(ctx, theta, phi, g):
-        cdt = _compute_dtype(theta.dtype)
-        M = phi.shape[1]
-        K = torch.bmm(phi.to(cdt).transpose(1, 2), g.to(cdt)).div_(M)  # (B, dk, dv)
-        y = torch.bmm(theta.to(cdt), K)
-        ctx.save_for_backward(theta, phi, g, K)
-        return y.to(theta.dtype)
+    def forward(a, b, c, scale):
+        return dot_product_op(a, b, c, scale)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        theta, phi, g, K = ctx.saved_tensors
-        cdt, M = K.dtype, phi.shape[1]
-        dy = dy.to(cdt)
-        dtheta = dphi = dg = None
-        if ctx.needs_input_grad[0]:
-            dtheta = _mm(dy, K.transpose(1, 2), theta)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dK = torch.bmm(theta.to(cdt).transpose(1, 2), dy).div_(M)  # (B, dk, dv)
-            if ctx.needs_input_grad[1]:
-                dphi = _mm(g.to(cdt), dK.transpose(1, 2), phi)
-            if ctx.needs_input_grad[2]:
-                dg = _mm(phi.to(cdt), dK, g)
-        return dtheta, dphi, dg
-
-
-class _DotNaive(torch.autograd.Function):
-    """S = theta phi^T, y = S g / M; saves only the inputs (S is recomputed in backward)."""
+    def setup_context(ctx, inputs, output):
+        _dot_setup(ctx, inputs, output)
 
     @staticmethod
-    def forward(ctx, theta, phi, g):
-        cdt = _compute_dtype(theta.dtype)
-        M = phi.shape[1]
-        S = torch.bmm(theta.to(cdt), phi.to(cdt).transpose(1, 2))  # (B, N, M)
-        y = torch.bmm(S, g.to(cdt)).div_(M)
-        ctx.save_for_backward(theta, phi, g)
-        return y.to(theta.dtype)
+    def backward(ctx, dy, dk):
+        a, b, c, k = ctx.saved_tensors
+        if dy is None:
+            return None, None, None, None
+        return DotProductBackward.apply(dy, a, b, c, k, ctx.scale) + (None,)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        theta, phi, g = ctx.saved_tensors
-        cdt, M = _compute_dtype(theta.dtype), phi.shape[1]
-        t, p, v = theta.to(cdt), phi.to(cdt), g.to(cdt)
-        dy = dy.to(cdt)
-        dtheta = dphi = dg = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dS = torch.bmm(dy, v.transpose(1, 2)).div_(M)  # (B, N, M)
-            if ctx.needs_input_grad[0]:
-                dtheta = _mm(dS, p, theta)
-            if ctx.needs_input_grad[1]:
-                dphi = _mm(dS.transpose(1, 2), t, phi)
-            del dS
-        if ctx.needs_input_grad[2]:
-            S = torch.bmm(t, p.transpose(1, 2)).div_(M)
-            dg = _mm(S.transpose(1, 2), dy, g)
-        return dtheta, dphi, dg
+    def vmap(info, in_dims, a, b, c, scale):
+        args = ops.fold_batch(info, in_dims[:3], (a, b, c))
+        return ops.unfold_batch(DotProduct.apply(*args, scale), info.batch_size)
+
+
+class DotProductBackward(torch.autograd.Function):
+    """``apply(dy, a, b, c, k, scale) -> (da, db, dc)``; differentiable (_dot_double_backward)."""
+
+    @staticmethod
+    def forward(dy, a, b, c, k, scale):
+        return dot_product_bwd_op(dy, a, b, c, k, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dot_bwd_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, ua, ub, uc):
+        dy, a, b, c = ctx.saved_tensors
+
+        def dot(x, y, z):
+            return DotProduct.apply(x, y, z, ctx.scale)[0]
+        return _dot_double_backward(dot, dy, a, b, c, ctx.scale, ua, ub, uc) + (None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, dy, a, b, c, k, scale):
+        args = ops.fold_batch(info, in_dims[:5], (dy, a, b, c, k))
+        return ops.unfold_batch(DotProductBackward.apply(*args, scale), info.batch_size)
 
 
 def dot_product(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(B, N, dk), (B, M, dk), (B, M, dv) -> (theta phi^T) g / M by the cheaper exact path."""
-    N, dk = theta.shape[1:]
-    M, dv = g.shape[1:]
-    path = choose_dot_product_path(N, M, dk, dv)
-    _note("dot_product", path)
-    fn = _DotReordered if path == "reordered" else _DotNaive
-    return fn.apply(theta, phi, g)
+    return DotProduct.apply(theta, phi, g, 1.0 / phi.shape[1])[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,113 +532,6 @@ def _rows_dot(table: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torc
         x, table, index, bags, bags, 0, -1)  # mode 0 = sum, no padding index
 
 
-class _ConcatSorted(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, theta, phi, g, w):
-        B, N, dk = theta.shape
-        M, dv = g.shape[1:]
-        dtype, cdt = theta.dtype, _compute_dtype(theta.dtype)
-        wc = w.to(cdt)
-        a = _project(theta, wc[:dk])  # (B, N)
-        b = _project(phi, wc[dk:])  # (B, M)
-        # Keys by decreasing b: {j : a_i + b_j > 0} = {j : -b_j < a_i} is a prefix of length k_i.
-        neg_b_sorted, perm_b = torch.sort(-b, dim=1)
-        k = torch.searchsorted(neg_b_sorted, a)  # left: #{j : -b_j < a_i}, strict
-        b_sorted = neg_b_sorted.neg_()
-        P, x = _key_prefix_sums(g, perm_b, b_sorted, cdt)  # (B, M+1, 2, dv), (B, M, 2, dv)
-        # y_i = (P_bg[k_i] + a_i P_g[k_i]) / M: one embedding_bag over bags of two rows of P
-        # (row 2 r of P's (., dv) view is P_g[r], row 2 r + 1 is P_bg[r]).
-        k2 = _pg_rows(k, M)
-        index = torch.stack([k2 + 1, k2], -1).view(-1)
-        weights = torch.stack([torch.full_like(a, 1.0 / M), a / M], -1).view(-1)
-        offsets = torch.arange(0, 2 * B * N, 2, device=k.device)
-        y = F.embedding_bag(index, P.view(-1, dv), offsets, mode="sum",
-                            per_sample_weights=weights).view(B, N, dv).to(dtype)
-        ctx.save_for_backward(theta, phi, g, w, a, b_sorted, perm_b, k, P, x)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        theta, phi, g, w, a, b_sorted, perm_b, k, P, x = ctx.saved_tensors
-        B, N, dk = theta.shape
-        M, dv = g.shape[1:]
-        cdt = a.dtype
-        need_t, need_p, need_g, need_w = ctx.needs_input_grad
-        need_da = need_t or need_w
-        need_db = need_p or need_w
-        wc = w.to(cdt)
-        dtheta = dphi = dg = dw = da = db = None
-        dy = dy.to(cdt).reshape(B, N, dv)  # rows contiguous (a copy only if they were not)
-        if not dy.is_contiguous():
-            dy = dy.contiguous()
-
-        if need_da:  # da_i = dy_i . P_g[k_i] / M
-            rows = P.view(-1, dv)
-            flat_dy, flat_k = dy.view(B * N, dv), _pg_rows(k, M).view(-1)
-            da = torch.empty(B * N, dtype=cdt, device=a.device)
-            for n0, n1 in _row_chunks(B * N, dv, a.device):
-                da[n0:n1] = _rows_dot(rows, flat_k[n0:n1], flat_dy[n0:n1])
-            da = da.div_(M).view(B, N)
-        if need_db or need_g:
-            R = _query_sums_by_key(dy, a, k, M, cdt)  # (B, 2, M, dv), keys by decreasing b
-            # Key j sits at position inv[j] of perm_b. Gathers with inv, not scatters:
-            # deterministic on CUDA too.
-            inv = torch.argsort(perm_b, dim=1)  # (B, M)
-            if need_g:  # dg_j = (b_j sum dy_i + sum a_i dy_i) / M over i with a_i + b_j > 0
-                dg_sorted = torch.addcmul(R[:, 1], R[:, 0], b_sorted.unsqueeze(-1))
-                dg = torch.empty_like(g)  # g's strides: no layout copy in autograd
-                _copy_rows(dg, _rows(dg_sorted, inv))
-                del dg_sorted
-            if need_db:  # db_j = g_j . (sum dy_i) / M  (x[:, :, 0] holds g by decreasing b)
-                db = torch.gather(torch.linalg.vecdot(R[:, 0], x[:, :, 0]), 1, inv)
-            del R
-        if need_t:
-            dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
-            torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
-        if need_p:
-            dphi = torch.empty_like(phi)
-            torch.mul(db.unsqueeze(-1), wc[dk:], out=dphi)
-        if need_w:
-            dw = torch.cat([_weight_grad(da, theta), _weight_grad(db, phi)]).to(w.dtype)
-        return dtheta, dphi, dg, dw
-
-
-class _ConcatSortedCompiled(torch.autograd.Function):
-    """The same algorithm with the key prefix sums, binary search and output rows (forward) and
-    da, the bins, their suffix sums, dg, db and the projections' gradients (backward) each fused
-    into one C++ CPU kernel (csrc/fast/concat_sorted.cpp); the projections and the sort of b
-    stay PyTorch ops."""
-
-    @staticmethod
-    def forward(ctx, theta, phi, g, w):
-        dk = theta.shape[2]
-        dtype, cdt = theta.dtype, _compute_dtype(theta.dtype)
-        wc = w.to(cdt)
-        a = _project(theta, wc[:dk]).contiguous()  # (B, N)
-        neg_b_sorted, perm_b = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
-        y, P, k = torch.ops.nonlocal_kernels.concat_sorted_fwd(a, neg_b_sorted, perm_b,
-                                                               g.to(cdt))
-        ctx.save_for_backward(theta, phi, g, w, a, neg_b_sorted, perm_b, k, P)
-        return y.to(dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        theta, phi, g, w, a, neg_b_sorted, perm_b, k, P = ctx.saved_tensors
-        B, N, dk = theta.shape
-        cdt = a.dtype
-        need_t, need_p, need_g, need_w = ctx.needs_input_grad
-        dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
-        dtheta, dphi, dg, dw = torch.ops.nonlocal_kernels.concat_sorted_bwd(
-            dy, a, k, P, neg_b_sorted, perm_b, g.to(cdt), theta.to(cdt), phi.to(cdt),
-            w.to(cdt).contiguous())
-        dtheta = dtheta.to(theta.dtype) if need_t else None
-        dphi = dphi.to(phi.dtype) if need_p else None
-        dw = dw.to(w.dtype) if need_w else None
-        return dtheta, dphi, dg.to(g.dtype) if need_g else None, dw
-
-
 _use_compiled_concat = True
 
 
@@ -518,12 +562,207 @@ def use_compiled_concat(enabled: bool) -> Iterator[None]:
         _use_compiled_concat = outer
 
 
+def _concat_pytorch_fwd(theta, phi, g, w):
+    B, N, dk = theta.shape
+    M, dv = g.shape[1:]
+    cdt = _compute_dtype(theta.dtype)
+    wc = w.to(cdt)
+    a = _project(theta, wc[:dk])  # (B, N)
+    # Keys by decreasing b: {j : a_i + b_j > 0} = {j : -b_j < a_i} is a prefix of length k_i.
+    neg_b_sorted, perm = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
+    k = torch.searchsorted(neg_b_sorted, a)  # left: #{j : -b_j < a_i}, strict
+    P, _ = _key_prefix_sums(g, perm, neg_b_sorted.neg(), cdt)  # (B, M + 1, 2, dv)
+    # y_i = (P_bg[k_i] + a_i P_g[k_i]) / M: one embedding_bag over bags of two rows of P
+    # (row 2 r of P's (., dv) view is P_g[r], row 2 r + 1 is P_bg[r]).
+    k2 = _pg_rows(k, M)
+    index = torch.stack([k2 + 1, k2], -1).view(-1)
+    weights = torch.stack([torch.full_like(a, 1.0 / M), a / M], -1).view(-1)
+    offsets = torch.arange(0, 2 * B * N, 2, device=k.device)
+    y = F.embedding_bag(index, P.view(-1, dv), offsets, mode="sum",
+                        per_sample_weights=weights).view(B, N, dv)
+    return y.to(theta.dtype), a, neg_b_sorted, perm, k, P
+
+
+def _concat_pytorch_bwd(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
+    B, N, dk = theta.shape
+    M, dv = g.shape[1:]
+    cdt = a.dtype
+    wc = w.to(cdt)
+    dy = dy.to(cdt).reshape(B, N, dv)  # rows contiguous (a copy only if they were not)
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
+    # da_i = dy_i . P_g[k_i] / M
+    rows = P.view(-1, dv)
+    flat_dy, flat_k = dy.view(B * N, dv), _pg_rows(k, M).view(-1)
+    da = torch.empty(B * N, dtype=cdt, device=a.device)
+    for n0, n1 in _row_chunks(B * N, dv, a.device):
+        da[n0:n1] = _rows_dot(rows, flat_k[n0:n1], flat_dy[n0:n1])
+    da = da.div_(M).view(B, N)
+    R = _query_sums_by_key(dy, a, k, M, cdt)  # (B, 2, M, dv), keys by decreasing b
+    # Key j sits at position inv[j] of perm. Gathers with inv, not scatters: deterministic on
+    # CUDA too.
+    inv = torch.argsort(perm, dim=1)  # (B, M)
+    # dg_j = (b_j sum dy_i + sum a_i dy_i) / M over the queries i with a_i + b_j > 0
+    dg_sorted = torch.addcmul(R[:, 1], R[:, 0], neg_b_sorted.neg().unsqueeze(-1))
+    dg = torch.empty_like(g)  # g's strides: no layout copy in autograd
+    _copy_rows(dg, _rows(dg_sorted, inv))
+    del dg_sorted
+    # db_j = g_j . (sum dy_i) / M
+    db = torch.gather(torch.linalg.vecdot(R[:, 0], _rows(g.to(cdt), perm)), 1, inv)
+    del R
+    dtheta = torch.empty_like(theta)  # theta's strides: no layout copy in autograd
+    torch.mul(da.unsqueeze(-1), wc[:dk], out=dtheta)
+    dphi = torch.empty_like(phi)
+    torch.mul(db.unsqueeze(-1), wc[dk:], out=dphi)
+    dw = torch.cat([_weight_grad(da, theta), _weight_grad(db, phi)]).to(w.dtype)
+    return dtheta, dphi, dg, dw
+
+
+def _concat_compiled_fwd(theta, phi, g, w):
+    dk = theta.shape[2]
+    cdt = _compute_dtype(theta.dtype)
+    wc = w.to(cdt)
+    a = _project(theta, wc[:dk]).contiguous()  # (B, N)
+    neg_b_sorted, perm = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
+    y, P, k = torch.ops.nonlocal_kernels.concat_sorted_fwd(a, neg_b_sorted, perm, g.to(cdt))
+    return y.to(theta.dtype), a, neg_b_sorted, perm, k, P
+
+
+def _concat_compiled_bwd(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
+    B, N, _ = theta.shape
+    cdt = a.dtype
+    dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
+    dtheta, dphi, dg, dw = torch.ops.nonlocal_kernels.concat_sorted_bwd(
+        dy, a, k, P, neg_b_sorted, perm, g.to(cdt), theta.to(cdt), phi.to(cdt),
+        w.to(cdt).contiguous())
+    return dtheta.to(theta.dtype), dphi.to(phi.dtype), dg.to(g.dtype), dw.to(w.dtype)
+
+
+@torch.library.custom_op(f"{FAST_NS}::concat_fwd", mutates_args=())
+def concat_fwd_op(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, w: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor]:
+    """(y, a, neg_b_sorted, perm, k, P): y = (1/M) sum_j ReLU(a_i + b_j) g_j with
+    a = theta w[:dk], b = phi w[dk:], and what the backward needs: a (B, N), -b sorted and its
+    permutation (B, M), k_i = #{j : a_i + b_j > 0} (B, N), the key prefix sums P (B, M+1, 2, dv).
+    On CPU with the extension built: the C++ kernels (csrc/fast/concat_sorted.cpp)."""
+    _note("concatenation", "sorted")
+    impl = _concat_compiled_fwd if compiled_concat_available(theta.device) else _concat_pytorch_fwd
+    return impl(theta, phi, g, w)
+
+
+@concat_fwd_op.register_fake
+def _(theta, phi, g, w):
+    B, N, _ = theta.shape
+    M, dv = g.shape[1:]
+    cdt = _compute_dtype(theta.dtype)
+    return (theta.new_empty((B, N, dv)), theta.new_empty((B, N), dtype=cdt),
+            theta.new_empty((B, M), dtype=cdt), theta.new_empty((B, M), dtype=torch.long),
+            theta.new_empty((B, N), dtype=torch.long),
+            theta.new_empty((B, M + 1, 2, dv), dtype=cdt))
+
+
+@torch.library.custom_op(f"{FAST_NS}::concat_bwd", mutates_args=())
+def concat_bwd_op(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
+                  w: torch.Tensor, a: torch.Tensor, neg_b_sorted: torch.Tensor,
+                  perm: torch.Tensor, k: torch.Tensor, P: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dtheta, dphi, dg, dw) of concat_fwd's y, the first three laid out like their inputs."""
+    impl = _concat_compiled_bwd if compiled_concat_available(theta.device) else _concat_pytorch_bwd
+    return impl(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)
+
+
+@concat_bwd_op.register_fake
+def _(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
+    return (torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g),
+            torch.empty_like(w))
+
+
+def _concat_fwd_vmap(fn):
+    """A vmap rule for concat_fwd (or Concatenation.apply): theta, phi, g fold into the batch;
+    w (2 dk,) is shared by the batch, so a vmapped w runs fn once per slice."""
+    def rule(info, in_dims, theta, phi, g, w):
+        if in_dims[3] is not None:
+            return ops.vmap_by_loop(fn)(info, in_dims, theta, phi, g, w)
+        folded = ops.fold_batch(info, in_dims[:3], (theta, phi, g))
+        return ops.unfold_batch(fn(*folded, w), info.batch_size)
+    return rule
+
+
+def _concat_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[-4:], *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _concat_grads(bwd, ctx, dy):
+    if dy is None:
+        return None, None, None, None
+    return bwd(dy, *ctx.saved_tensors)
+
+
+def _register_concat():
+    concat_fwd_op.register_vmap(_concat_fwd_vmap(concat_fwd_op))
+    # dw sums over the batch, so the backward cannot fold a vmapped dim into it.
+    concat_bwd_op.register_vmap(ops.vmap_by_loop(concat_bwd_op))
+    concat_fwd_op.register_autograd(
+        lambda ctx, dy, *rest: _concat_grads(concat_bwd_op, ctx, dy),
+        setup_context=_concat_setup)
+
+    def refuse(ctx, *grads):
+        raise ops.double_backward_error(f"{FAST_NS}::concat_bwd")
+    concat_bwd_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+_register_concat()
+
+
+class ConcatenationBackward(torch.autograd.Function):
+    """``apply(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)``: concat_bwd, whose own
+    backward raises (no second derivative)."""
+
+    @staticmethod
+    def forward(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
+        return concat_bwd_op(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise ops.double_backward_error("backend 'fast' (mode 'concatenation')")
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return ops.vmap_by_loop(ConcatenationBackward.apply)(info, in_dims, *args)
+
+
+class Concatenation(torch.autograd.Function):
+    """``apply(theta, phi, g, w) -> (y, ...)`` through the concat ops, for torch.func (see
+    ops.py); its backward is :class:`ConcatenationBackward`."""
+
+    @staticmethod
+    def forward(theta, phi, g, w):
+        return concat_fwd_op(theta, phi, g, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _concat_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dy, *rest):
+        return _concat_grads(ConcatenationBackward.apply, ctx, dy)
+
+    @staticmethod
+    def vmap(info, in_dims, theta, phi, g, w):
+        return _concat_fwd_vmap(Concatenation.apply)(info, in_dims, theta, phi, g, w)
+
+
 def concatenation(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
                   concat_weight: torch.Tensor) -> torch.Tensor:
     """(1/M) sum_j ReLU(theta_i.w_theta + phi_j.w_phi) g_j by sorting; O((N+M)·d) memory."""
-    _note("concatenation", "sorted")
-    fn = _ConcatSortedCompiled if compiled_concat_available(theta.device) else _ConcatSorted
-    return fn.apply(theta, phi, g, concat_weight)
+    return Concatenation.apply(theta, phi, g, concat_weight)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,13 +770,9 @@ def concatenation(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 def _run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-    if return_lse:  # functional.py already rejects this; kept for direct callers
-        raise ValueError(f"return_lse: only the softmax modes have an lse, not {mode!r}")
-    if mode == "dot_product":
+    if MODES[mode].family == "dot_product":
         return dot_product(theta, phi, g)
-    if mode == "concatenation":
-        return concatenation(theta, phi, g, concat_weight)
-    raise ValueError(f"mode: backend 'fast' supports dot_product and concatenation, not {mode!r}")
+    return concatenation(theta, phi, g, concat_weight)
 
 
 BACKEND = register(Backend(
@@ -545,9 +780,14 @@ BACKEND = register(Backend(
     description="exact reorderings, O((N+M)·d) memory: dot_product as theta (phi^T g) / M "
                 "(or theta phi^T first when that needs fewer FLOPs); concatenation by sorting "
                 "phi·w_phi with prefix sums and binary search",
-    modes=("dot_product", "concatenation"),
+    families=("dot_product", "concatenation"),
     dtypes=FLOAT_DTYPES,
     devices=("cpu", "cuda"),
     run=_run,
     priority=200,
+    double_backward=("dot_product",),
+    ops=tuple(f"{FAST_NS}::{n}" for n in ("dot_product", "dot_product_bwd", "concat_fwd",
+                                           "concat_bwd"))
+    + (() if ops._C is None else tuple(f"{ops.NAMESPACE}::concat_sorted_{n}"
+                                       for n in ("fwd", "bwd"))),
 ))

@@ -1,7 +1,9 @@
-"""Backend ``reference``: the plain-PyTorch oracle (materialises N x M; autograd does backward)."""
+"""Backend ``reference``: the plain-PyTorch oracle (materialises N x M; autograd does backward,
+to any order, and torch.func, meta tensors and torch.compile work as for any PyTorch code)."""
 
+from ..modes import FLOAT_DTYPES
 from ..reference import nonlocal_reference
-from .registry import FLOAT_DTYPES, MODES, Backend, register
+from .registry import FAMILIES, Backend, register
 
 
 def _run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
@@ -12,9 +14,10 @@ def _run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
 BACKEND = register(Backend(
     name="reference",
     description="plain PyTorch, materialises the N x M affinity; the correctness oracle",
-    modes=MODES,
+    families=FAMILIES,
     dtypes=FLOAT_DTYPES,
     devices=("cpu", "cuda"),
     run=_run,
     priority=0,
+    double_backward=FAMILIES,
 ))

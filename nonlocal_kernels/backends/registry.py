@@ -1,16 +1,21 @@
 """The one backend registry.
 
-A backend declares which modes, dtypes and device types it supports, how to tell whether it is
-available on this machine (and why not), and a ``run`` callable with the signature
+A backend is a declaration: the op families it implements (its modes follow from the modes
+table, nonlocal_kernels/modes.py), the dtypes and device types it takes, its priority, whether
+it is available here (and why not), and a ``run`` callable
 
     run(theta, phi, g, *, mode, scale, concat_weight, return_lse) -> y | (y, lse)
 
 that receives validated 3-D tensors (B, N, dk), (B, M, dk), (B, M, dv) with any strides.
-``nonlocal_attention`` (functional.py) does the validation and calls :func:`select`.
+``nonlocal_attention`` (functional.py) validates and calls :func:`select`. A softmax-family
+backend is declared by :func:`softmax_backend` from an op namespace and a dispatch key.
 
 ``backend="auto"`` picks, among the backends with ``auto=True`` that are available and support
 the call, the one with the highest ``priority``. Test-only backends (``cuda_emu``, ``triton`` on
-CPU under the interpreter) set ``auto=False`` or refuse in ``accepts``.
+CPU under the interpreter) set ``auto=False``.
+
+Every backend also runs on ``meta`` tensors (its ops' fakes give shapes, dtypes and strides;
+nothing runs), so a model built on the meta device can hold any backend's blocks.
 """
 
 from __future__ import annotations
@@ -20,18 +25,19 @@ from typing import Callable, Optional
 
 import torch
 
-SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
-MODES = SOFTMAX_MODES + ("dot_product", "concatenation")
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+from .. import modes as _modes
+from .. import ops
+
+FAMILIES = tuple(dict.fromkeys(m.family for m in _modes.MODES.values()))
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
     description: str
-    modes: tuple
+    families: tuple  # op families it implements, a subset of FAMILIES
     dtypes: tuple
-    devices: tuple  # torch device types, e.g. ("cpu",) or ("cuda",)
+    devices: tuple  # torch device types, e.g. ("cpu",) or ("cuda",); "meta" always works
     run: Callable
     priority: int = 0
     # Returns None when usable here, else the reason it is not (what is missing).
@@ -40,8 +46,16 @@ class Backend:
     how_to_enable: str = ""
     # Whether backend="auto" may pick it.
     auto: bool = True
-    # Optional per-call refusal: (theta, phi, g, mode) -> None or a reason.
-    accepts: Optional[Callable] = None
+    # The families whose second derivatives it computes exactly; the others raise on a second
+    # backward (ops.double_backward_error).
+    double_backward: tuple = ()
+    # The torch.library ops it runs ("namespace::name"), each with a fake, a vmap rule and
+    # autograd (ops.py); tests/test_conformance.py runs opcheck on every one.
+    ops: tuple = ()
+
+    @property
+    def modes(self) -> tuple:
+        return tuple(m.name for m in _modes.MODES.values() if m.family in self.families)
 
     def check_call(self, mode: str, dtype: torch.dtype, device_type: str) -> Optional[str]:
         """None when this backend supports the (mode, dtype, device type); else why not."""
@@ -50,10 +64,24 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {names})"
-        if device_type not in self.devices:
+        if device_type not in self.devices and device_type != "meta":
             return (f"device type {device_type!r} is not supported "
                     f"(supported: {', '.join(self.devices)})")
         return None
+
+
+def softmax_backend(*, name: str, namespace: str, dispatch_key: str, description: str,
+                    devices: tuple, dtypes: tuple, priority: int, how_to_enable: str,
+                    not_loaded: Optional[str] = None, auto: bool = True) -> Backend:
+    """The declaration of a backend that runs the softmax family through namespace's
+    softmax_fwd / softmax_bwd ops (ops.SoftmaxAttention). ``not_loaded``: why the library that
+    registers the ops failed to load, if it did. Availability is decided here, once:
+    torch.compile traces backend selection, and the dispatcher queries are not traceable."""
+    reason = not_loaded or ops.kernel_unavailable_reason(dispatch_key, namespace)
+    return Backend(name=name, description=description, families=("softmax",), dtypes=dtypes,
+                   devices=devices, run=ops.softmax_runner(name, namespace), priority=priority,
+                   unavailable_reason=lambda: reason, how_to_enable=how_to_enable, auto=auto,
+                   ops=(f"{namespace}::softmax_fwd", f"{namespace}::softmax_bwd"))
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -62,9 +90,9 @@ _REGISTRY: dict[str, Backend] = {}
 def register(backend: Backend) -> Backend:
     if backend.name in _REGISTRY or backend.name == "auto":
         raise ValueError(f"backend {backend.name!r} is already registered")
-    for m in backend.modes:
-        if m not in MODES:
-            raise ValueError(f"backend {backend.name!r} declares unknown mode {m!r}")
+    for f in backend.families + backend.double_backward:
+        if f not in FAMILIES:
+            raise ValueError(f"backend {backend.name!r} declares unknown family {f!r}")
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -98,13 +126,14 @@ def available_backends() -> list[dict]:
             "devices": list(b.devices),
             "auto": b.auto,
             "priority": b.priority,
+            "double_backward": list(b.double_backward),
+            "ops": list(b.ops),
             "description": b.description,
         })
     return out
 
 
-def select(name: str, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
-           mode: str) -> Backend:
+def select(name: str, theta: torch.Tensor, mode: str) -> Backend:
     """The backend that runs this call; raises ValueError/RuntimeError with the reason."""
     dtype, device_type = theta.dtype, theta.device.type
     if name != "auto":
@@ -114,8 +143,6 @@ def select(name: str, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
             hint = f" {b.how_to_enable}" if b.how_to_enable else ""
             raise RuntimeError(f"backend {name!r} is not available: {reason}.{hint}")
         reason = b.check_call(mode, dtype, device_type)
-        if reason is None and b.accepts is not None:
-            reason = b.accepts(theta, phi, g, mode)
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return b
@@ -125,8 +152,6 @@ def select(name: str, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
         if not b.auto:
             continue
         reason = b.check_call(mode, dtype, device_type) or b.unavailable_reason()
-        if reason is None and b.accepts is not None:
-            reason = b.accepts(theta, phi, g, mode)
         if reason is None:
             return b
         refusals.append(f"{n}: {reason}")

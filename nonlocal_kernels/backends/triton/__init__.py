@@ -10,45 +10,39 @@ import os
 
 import torch
 
-from ..registry import SOFTMAX_MODES, Backend, register
+from ..registry import register, softmax_backend
 
+NAMESPACE = "nonlocal_kernels_triton"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_IMPORT_ERROR = None
-_launch = None
-if importlib.util.find_spec("triton") is None:
-    _IMPORT_ERROR = "the triton package is not installed"
-else:
+
+
+def _not_loaded():
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
     try:
-        from . import launch as _launch  # imports triton, registers the ops
+        from . import launch  # noqa: F401  (imports triton, registers the ops)
     except Exception as exc:  # a broken triton install must not break `import nonlocal_kernels`
-        _IMPORT_ERROR = f"importing the Triton kernels failed ({type(exc).__name__}: {exc})"
-
-
-def _unavailable_reason():
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
+        return f"importing the Triton kernels failed ({type(exc).__name__}: {exc})"
     if not _INTERPRET and not torch.cuda.is_available():
         return ("no CUDA GPU is available (Triton kernels need one; CPU tensors run only under "
                 "the Triton interpreter, TRITON_INTERPRET=1, for tests)")
     return None
 
 
-def _run(theta, phi, g, **kw):
-    return _launch.run(theta, phi, g, **kw)
-
-
-BACKEND = register(Backend(
+BACKEND = register(softmax_backend(
     name="triton",
+    namespace=NAMESPACE,
+    dispatch_key="CompositeExplicitAutograd",  # triton_op registers its kernel for every device
     description="fused tiled Triton kernels (online softmax forward, FlashAttention-2 style "
                 "deterministic backward), any strides, head dims chunked/split",
-    modes=SOFTMAX_MODES,
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
     devices=("cuda", "cpu") if _INTERPRET else ("cuda",),
-    run=_run,
+    # The interpreter (numpy) has no bfloat16 dot product: under it bfloat16 is refused.
+    dtypes=(torch.float32, torch.float16) if _INTERPRET
+    else (torch.float32, torch.float16, torch.bfloat16),
     priority=100,
-    unavailable_reason=_unavailable_reason,
     how_to_enable="Install triton (`pip install triton`) and run on a CUDA GPU; for tests on CPU "
                   "set TRITON_INTERPRET=1 before importing nonlocal_kernels.",
+    not_loaded=_not_loaded(),
     # The interpreter is for tests only: auto never picks it (on any device).
     auto=not _INTERPRET,
 ))

@@ -1,4 +1,4 @@
-"""Launchers for the Triton kernels, the torch.library ops and the autograd.Function.
+"""Launchers for the Triton kernels and their torch.library ops.
 
 Ops (namespace ``nonlocal_kernels_triton``, the schemas of csrc/ops.cpp):
 
@@ -7,7 +7,8 @@ Ops (namespace ``nonlocal_kernels_triton``, the schemas of csrc/ops.cpp):
                 float scale) -> (Tensor dtheta, Tensor dphi, Tensor dg)
 
 They are ``torch.library.triton_op``s, so ``torch.compile(fullgraph=True)`` traces into the
-kernels (``custom_op`` + a fake on torch versions without triton_op).
+kernels; their vmap rules and autograd are ops.register_softmax_ops's, and the backend runs them
+through ops.SoftmaxAttention.
 
 Block sizes. Each kernel has head-dim caps (BLOCK_K for dk, BLOCK_V for dv): a head dim up to
 its cap is one tile held by one program; a larger one is chunked. The forward splits dv past its
@@ -33,9 +34,8 @@ import torch
 import triton
 
 from ... import ops as _ops
+from . import NAMESPACE
 from . import kernels as K
-
-NAMESPACE = "nonlocal_kernels_triton"
 
 
 def interpreting() -> bool:
@@ -191,13 +191,11 @@ def _kernel(kernel: str, dtype: torch.dtype, width: int, work: int):
 
 
 def _launcher(kernel, like: torch.Tensor):
-    if INTERPRET:
-        # The interpreter runs the function eagerly on real tensors; with fake tensors (shape
-        # propagation, opcheck) only the outputs' metadata matters, so launch nothing.
-        if _is_fake(like):
-            return _NoLaunch()
-        return kernel
-    return torch.library.wrap_triton(kernel)
+    # With meta tensors (models on the meta device; the triton_op's fake) only the outputs'
+    # metadata matters: launch nothing. (wrap_triton launches nothing under fake tensors.)
+    if like.device.type == "meta":
+        return _NoLaunch()
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
 class _NoLaunch:
@@ -205,19 +203,14 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover
-        return False
-    return is_fake(t)
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
+def _poisoned(out: torch.Tensor) -> torch.Tensor:
     if os.environ.get("NONLOCAL_KERNELS_POISON", "0") not in ("", "0"):
         out.fill_(float("nan"))
     return out
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
 
 
 def _use_ieee(dtype: torch.dtype) -> bool:
@@ -259,9 +252,8 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
     B, N, dk = theta.shape
     M, dv = phi.shape[1], g.shape[2]
     dev, ieee = theta.device, _use_ieee(theta.dtype)
-    dtheta = _new_output((B, N, dk), theta.dtype, dev)
-    dphi = _new_output((B, M, dk), phi.dtype, dev)
-    dg = _new_output((B, M, dv), g.dtype, dev)
+    # Gradients laid out like their inputs (the op contract; the kernels take any strides).
+    dtheta, dphi, dg = (_poisoned(torch.empty_like(t)) for t in (theta, phi, g))
     delta = torch.empty((B, N), dtype=torch.float32, device=dev)
 
     with _device_ctx(theta):
@@ -307,24 +299,13 @@ def _softmax_bwd_impl(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor,
 
 
 def _register_ops():
-    fwd_name, bwd_name = f"{NAMESPACE}::softmax_fwd", f"{NAMESPACE}::softmax_bwd"
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-        torch.library.triton_op(fwd_name, mutates_args=())(_softmax_fwd_impl)
-        torch.library.triton_op(bwd_name, mutates_args=())(_softmax_bwd_impl)
-    else:  # older torch: an opaque custom op with a fake for tracing
-        torch.library.custom_op(fwd_name, mutates_args=())(_softmax_fwd_impl)
-        torch.library.custom_op(bwd_name, mutates_args=())(_softmax_bwd_impl)
-        _ops.register_softmax_fakes(NAMESPACE)
-    ns = getattr(torch.ops, NAMESPACE)
-    return ns.softmax_fwd, ns.softmax_bwd
+    # On a GPU, triton_ops: torch.compile traces into the kernels (wrap_triton), and the fake is
+    # the implementation itself, run without launching. The interpreter's kernels are plain
+    # Python calls that tracing cannot record, so there the ops are opaque custom ops.
+    define = torch.library.custom_op if INTERPRET else torch.library.triton_op
+    for name, impl in (("softmax_fwd", _softmax_fwd_impl), ("softmax_bwd", _softmax_bwd_impl)):
+        define(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=_ops.SOFTMAX_SCHEMAS[name])
+    _ops.register_softmax_ops(NAMESPACE, fake=INTERPRET)
 
 
-softmax_fwd, softmax_bwd = _register_ops()
-SoftmaxFunction = _ops.make_softmax_function(softmax_fwd, softmax_bwd, "TritonSoftmaxFunction")
-
-
-def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-    """Backend entry point (registry.Backend.run)."""
-    y, lse = SoftmaxFunction.apply(theta, phi, g, float(1.0 if scale is None else scale))
-    return (y, lse) if return_lse else y
-
+_register_ops()
