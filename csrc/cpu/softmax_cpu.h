@@ -42,7 +42,6 @@ struct CpuPlan {
   // true: the Vectorized panel GEMM on phi/g packed once per call into panels (kt, kp, vp,
   // vtp below); false: BLAS sgemm_/dgemm_ on tiles of phi/g read through k and v.
   bool packed;
-  bool use_blas;        // BLAS path only (false: its views go through the panel GEMM)
   MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
   // Packed path: B-panels per batch (compute type) of scale * phi^T (dk x M; fwd+bwd), phi
   // (M x dk; bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.

@@ -654,7 +654,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   A* mrow = arena.take<A>(BM);
   A* edge = arena.take<A>(kMR * kKC);
   double* lrow = arena.take<double>(BM);
-  Gemm<A> gemm(plan.use_blas);
+  Gemm<A> gemm(!plan.packed);
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
@@ -765,7 +765,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   A* edge = arena.take<A>(kMR * kKC);
   A* qbp = arena.take<A>(qb_n);
   A* dybp = arena.take<A>(dyb_n);
-  Gemm<A> gemm(plan.use_blas);
+  Gemm<A> gemm(!plan.packed);
   std::vector<char> g_nonzero;      // per column of g[b]: any nonzero entry
   std::vector<int64_t> zero_cols;  // the all-zero columns of g[b]
   int64_t zero_cols_batch = -1;
