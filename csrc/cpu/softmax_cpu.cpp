@@ -297,7 +297,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   plan.partial = theta.scalar_type() == at::kDouble
                      ? static_cast<void*>(call_arena.take<double>(partial_n))
                      : static_cast<void*>(call_arena.take<float>(partial_n));
-  p.workspace = plan.partial;
 
   run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
   at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
