@@ -21,15 +21,6 @@
 #include "cpu/softmax_cpu.h"
 #include "ops_common.h"
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
 namespace nonlocal_kernels::cpu {
 
 bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
