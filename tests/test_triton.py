@@ -51,8 +51,9 @@ SHAPES = [
 # Head dims of 1 and a handful of keys. float32 only: with so few elements the float16 rule
 # compares two maxima over a few numbers, and FlashAttention's D = rowsum(dy * y) (y rounded to
 # float16, error growing with dv) can exceed 3x PyTorch's float16 error (its softmax backward
-# forms sum_j P dP, error growing with M). scripts/triton_accuracy.py, worst of 30 seeds in
-# float16: dphi 2.98x, 1.43x, 0.97x the tolerance on these shapes (float32: at most 0.61x).
+# forms sum_j P dP, error growing with M). scripts/accuracy_sweep.py --backend triton, worst of
+# 30 seeds in float16: dphi 2.98x, 1.43x, 0.97x the tolerance on these shapes (float32: at most
+# 0.61x).
 TINY_SHAPES = [(3, 5, 3, 1, 1, "channels_first"), (1, 1, 5, 7, 5, "contiguous"),
                (2, 4, 2, 1, 9, "strided")]
 

@@ -708,7 +708,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 // from rowsum(dy * y) as in FlashAttention-2: with a wide g (dv in the hundreds or more) dP is
 // large, dP - D cancels, and the small differences between the forward's P (which made y) and
 // the backward's recomputed P, plus the rounding of dP, then cost dtheta/dphi up to several times
-// the error of PyTorch in the same precision (see scripts/cpu_accuracy_sweep.py). Keeping the
+// the error of PyTorch in the same precision (see scripts/accuracy_sweep.py). Keeping the
 // tiles costs no extra FLOPs; the memory is 2 * BM * M per thread, linear in M.
 // P is also normalised by its own row sum sigma_i = sum_j P_ij (double, pass 1): lse is a float,
 // so exp(S - lse) sums to 1 only within half an ulp of lse (2.4e-7 at lse ~ 7), and a peaked row
