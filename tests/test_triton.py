@@ -209,10 +209,10 @@ def test_kernels_compile_for_gpu_targets():
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "nonlocal_kernels.backends.triton.compile_check", "--arch",
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--arch",
            "80,90", "--dtype", "bfloat16,float32", "--dims", "256x256,1024x512,24x40"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
