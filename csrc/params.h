@@ -40,7 +40,9 @@ typedef struct NonlocalSoftmaxParams {
   int64_t dtheta_stride[3];
   int64_t dphi_stride[3];
   int64_t dg_stride[3];
-  void* workspace;  // e.g. D = rowsum(dy * y), (B, N) float32/float64; owned by the caller
+  // CUDA backward only: 3 * B * N float32 of scratch owned by the caller (BwdWorkspace in
+  // csrc/cuda/softmax_kernels.cuh). Null for the CPU kernels, which do not read it.
+  void* workspace;
 } NonlocalSoftmaxParams;
 
 #ifdef __cplusplus

@@ -52,8 +52,9 @@ SHAPES = [
 # Head dims of 1 and a handful of keys. float32 only: with so few elements the float16 rule
 # compares two maxima over a few numbers, and FlashAttention's D = rowsum(dy * y) (y rounded to
 # float16, error growing with dv) can exceed 3x PyTorch's float16 error (its softmax backward
-# forms sum_j P dP, error growing with M). scripts/triton_accuracy.py, worst of 30 seeds in
-# float16: dphi 2.98x, 1.43x, 0.97x the tolerance on these shapes (float32: at most 0.61x).
+# forms sum_j P dP, error growing with M). scripts/accuracy_sweep.py --backend triton, worst of
+# 30 seeds in float16: dphi 2.98x, 1.43x, 0.97x the tolerance on these shapes (float32: at most
+# 0.61x).
 TINY_SHAPES = [(3, 5, 3, 1, 1, "channels_first"), (1, 1, 5, 7, 5, "contiguous"),
                (2, 4, 2, 1, 9, "strided")]
 
@@ -144,10 +145,10 @@ def test_kernels_compile_for_gpu_targets():
     except ImportError:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "nonlocal_kernels.backends.triton.compile_check", "--arch",
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--arch",
            "80,90", "--dtype", "bfloat16,float32", "--dims", "256x256,1024x512,24x40"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel

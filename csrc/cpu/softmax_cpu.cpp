@@ -21,15 +21,6 @@
 #include "cpu/softmax_cpu.h"
 #include "ops_common.h"
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
-
 namespace nonlocal_kernels::cpu {
 
 bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
@@ -131,18 +122,17 @@ const void* prepare_panels(const PanelSpec& spec, const KernelTable& kt, int64_t
   return dst;
 }
 
-// phi or g as the kernels read it (rows x cols per batch, compute type). Read in place when it
-// already is the compute type with a unit stride the tile GEMM can use; otherwise packed into a
-// contiguous (B, rows, cols) buffer kept alive by `holder`.
-MatView prepare_operand(const at::Tensor& t, bool use_blas, const KernelTable& kt,
-                        at::Tensor& holder) {
+// phi or g as the BLAS path's kernels read it (rows x cols per batch, compute type). Read in
+// place when it already is the compute type with a unit stride a BLAS call can use; otherwise
+// packed into a contiguous (B, rows, cols) buffer kept alive by `holder`.
+MatView prepare_operand(const at::Tensor& t, const KernelTable& kt, at::Tensor& holder) {
   const int64_t B = t.size(0), rows = t.size(1), cols = t.size(2);
   const int64_t bs = t.stride(0), rs = t.stride(1), cs = t.stride(2);
   const bool same_type = t.scalar_type() == compute_type(t.scalar_type());
   const bool row_major = cs == 1 && (rows == 1 || rs >= cols);
   const bool col_major = rs == 1 && (cols == 1 || cs >= rows);
   const bool force_pack = env("NONLOCAL_KERNELS_CPU_PACK") == "1";
-  if (same_type && !force_pack && (row_major || (use_blas && col_major)))
+  if (same_type && !force_pack && (row_major || col_major))
     return MatView{t.data_ptr(), bs, rs, cs};
   holder = at::empty({B, rows, cols}, t.options().dtype(compute_type(t.scalar_type())));
   const void* src = t.data_ptr();
@@ -203,7 +193,6 @@ CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tens
   plan.dtype = to_dtype(theta, "theta");
   plan.scale = scale;
   plan.packed = use_packed_path();
-  plan.use_blas = !plan.packed;
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t split = threads / std::gcd(B, threads);
@@ -242,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
     plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
     plan.vp = prepare_panels(v_spec, kt, plan.v_bs);
   } else {
-    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
-    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+    plan.k = prepare_operand(phi, kt, k_hold);
+    plan.v = prepare_operand(g, kt, v_hold);
   }
   run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
   call_arena.trim(kCallArenaKeepBytes);
@@ -293,13 +282,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
     plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
   } else {
     call_arena.reserve(partial_bytes);
-    plan.k = prepare_operand(phi, plan.use_blas, kt, k_hold);
-    plan.v = prepare_operand(g, plan.use_blas, kt, v_hold);
+    plan.k = prepare_operand(phi, kt, k_hold);
+    plan.v = prepare_operand(g, kt, v_hold);
   }
   plan.partial = theta.scalar_type() == at::kDouble
                      ? static_cast<void*>(call_arena.take<double>(partial_n))
                      : static_cast<void*>(call_arena.take<float>(partial_n));
-  p.workspace = plan.partial;
 
   run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
   at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });

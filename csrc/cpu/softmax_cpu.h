@@ -21,6 +21,16 @@
 
 #include "params.h"
 
+// Fortran BLAS (LP64), as torch itself calls it. Weak: null when no BLAS is linked.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
 namespace nonlocal_kernels::cpu {
 
 enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
@@ -42,7 +52,6 @@ struct CpuPlan {
   // true: the Vectorized panel GEMM on phi/g packed once per call into panels (kt, kp, vp,
   // vtp below); false: BLAS sgemm_/dgemm_ on tiles of phi/g read through k and v.
   bool packed;
-  bool use_blas;        // BLAS path only (false: its views go through the panel GEMM)
   MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
   // Packed path: B-panels per batch (compute type) of scale * phi^T (dk x M; fwd+bwd), phi
   // (M x dk; bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.

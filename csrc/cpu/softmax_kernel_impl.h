@@ -37,16 +37,6 @@
 
 #include "cpu/softmax_cpu.h"
 
-// Fortran BLAS (LP64), as torch itself calls it. Weak: null when no BLAS is linked.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
-
 namespace nonlocal_kernels::cpu::NLK_CAPNS {
 namespace {
 
@@ -654,7 +644,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   A* mrow = arena.take<A>(BM);
   A* edge = arena.take<A>(kMR * kKC);
   double* lrow = arena.take<double>(BM);
-  Gemm<A> gemm(plan.use_blas);
+  Gemm<A> gemm(!plan.packed);
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
@@ -718,7 +708,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 // from rowsum(dy * y) as in FlashAttention-2: with a wide g (dv in the hundreds or more) dP is
 // large, dP - D cancels, and the small differences between the forward's P (which made y) and
 // the backward's recomputed P, plus the rounding of dP, then cost dtheta/dphi up to several times
-// the error of PyTorch in the same precision (see scripts/cpu_accuracy_sweep.py). Keeping the
+// the error of PyTorch in the same precision (see scripts/accuracy_sweep.py). Keeping the
 // tiles costs no extra FLOPs; the memory is 2 * BM * M per thread, linear in M.
 // P is also normalised by its own row sum sigma_i = sum_j P_ij (double, pass 1): lse is a float,
 // so exp(S - lse) sums to 1 only within half an ulp of lse (2.4e-7 at lse ~ 7), and a peaked row
@@ -765,7 +755,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   A* edge = arena.take<A>(kMR * kKC);
   A* qbp = arena.take<A>(qb_n);
   A* dybp = arena.take<A>(dyb_n);
-  Gemm<A> gemm(plan.use_blas);
+  Gemm<A> gemm(!plan.packed);
   std::vector<char> g_nonzero;      // per column of g[b]: any nonzero entry
   std::vector<int64_t> zero_cols;  // the all-zero columns of g[b]
   int64_t zero_cols_batch = -1;

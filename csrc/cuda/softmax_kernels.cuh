@@ -1,8 +1,9 @@
 // Softmax-family kernels (DESIGN.md section 4): y = softmax_rows(scale * theta phi^T) g, with
-// lse, and the FlashAttention-2 style backward that recomputes P from lse. Tensor cores through
-// nvcuda::wmma (fp16/bf16 m16n16k16, tf32 m16n16k8), or an exact fp32 FMA path; fp32
-// accumulation everywhere; int64 offsets; any strides; any N, M, dk, dv (ragged tiles are
-// zero-padded in shared memory, key columns >= M masked).
+// lse, and a FlashAttention-2 style backward that does not read lse: it recomputes each row's
+// max m and sum l in one pass over the scores, then rebuilds P = exp(scale * S - m) / l from
+// them tile by tile. Tensor cores through nvcuda::wmma (fp16/bf16 m16n16k16, tf32 m16n16k8), or
+// an exact fp32 FMA path; fp32 accumulation everywhere; int64 offsets; any strides; any N, M,
+// dk, dv (ragged tiles are zero-padded in shared memory, key columns >= M masked).
 //
 // Block: 128 threads = 4 warps; a block owns a tile of 64 rows, each warp 16 of them, and a
 // chunk of OC output columns (grid.y); the other dimension streams in tiles of 64. dk and dv
@@ -11,8 +12,9 @@
 // score work repeats ceil(width / OC) times).
 //
 // Numerics: scores and softmax in natural-log units with fmaf (P = exp(fma(S, scale, -m))), so
-// lse and the P recomputed from it carry one rounding each; a row is normalised by the sum of
-// the P values (rounded to the operand type) that the P g product uses.
+// lse carries one rounding. The forward normalises a row by the sum of the P values (rounded to
+// the operand type) that the P g product uses; the backward rebuilds P from the recomputed m and
+// l (see BwdWorkspace), not from lse.
 //
 // Kernels never assume a fragment layout: at start each block loads a 16x16 tile holding
 // 0..255 into an accumulator fragment, which tells every lane the (row, col) of each of its
@@ -488,8 +490,8 @@ __global__ void __launch_bounds__(128) softmax_bwd_stats_kernel(NonlocalSoftmaxP
   }
 }
 
-// dtheta. grid: (query tiles * B, chunks of dk). Per key tile: P = exp(S - lse), dP = dy g^T,
-// dS = P * (dP - D), dtheta_chunk += scale * dS phi_chunk.
+// dtheta. grid: (query tiles * B, chunks of dk). Per key tile: P = exp(scale * S - m) / l,
+// dP = dy g^T, dS = P * (dP - D), dtheta_chunk += scale * dS phi_chunk.
 template <class P, class T>
 __global__ void __launch_bounds__(128) softmax_bwd_dq_kernel(NonlocalSoftmaxParams p, int row_tiles) {
   using C = Cfg<P>;
@@ -572,8 +574,9 @@ __global__ void __launch_bounds__(128) softmax_bwd_dq_kernel(NonlocalSoftmaxPara
 }
 
 // dg and dphi. grid: (key tiles * B, dv chunks of dg + dk chunks of dphi). A block owns 64 keys
-// and loops over query tiles: P^T = exp(S^T - lse); dg_chunk += P^T dy_chunk, or
-// dP^T = g dy^T, dS^T = P^T * (dP^T - D), dphi_chunk += scale * dS^T theta_chunk.
+// and loops over query tiles: P^T = exp(scale * S^T - m) / l (m, l of each query row);
+// dg_chunk += P^T dy_chunk, or dP^T = g dy^T, dS^T = P^T * (dP^T - D),
+// dphi_chunk += scale * dS^T theta_chunk.
 template <class P, class T>
 __global__ void __launch_bounds__(128) softmax_bwd_dkv_kernel(NonlocalSoftmaxParams p, int key_tiles,
                                                               int dg_chunks) {

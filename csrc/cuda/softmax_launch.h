@@ -5,9 +5,9 @@
 // kernels on it and returns nullptr, or the launch error's message. The forward writes y and
 // lse; the backward reads dy, y and writes dtheta, dphi, dg, using p.workspace as 3 * B * N
 // float32 (D = rowsum(dy * y), and each row's softmax max and 1 / sum, recomputed: P is rebuilt
-// from those rather than from the fp32-rounded lse, which keeps peaked rows accurate). Both compile twice: with nvcc into nonlocal_kernels._C
-// (namespace cuda_kernels) and with g++ against the host emulator into nonlocal_kernels._C_emu
-// (namespace emu_kernels).
+// from those rather than from the fp32-rounded lse, which keeps peaked rows accurate). Both
+// compile twice: with nvcc into nonlocal_kernels._C (namespace cuda_kernels) and with g++
+// against the host emulator into nonlocal_kernels._C_emu (namespace emu_kernels).
 #pragma once
 
 #include "params.h"

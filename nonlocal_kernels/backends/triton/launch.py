@@ -59,7 +59,7 @@ INTERPRET_BLOCK = 16  # BLOCK_M = BLOCK_N under the interpreter
 # Autotuning candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and width class
 # W = max(BLOCK_K, BLOCK_V) in {64 (and below), 128, 256}. The first one is the default (no
 # autotuning). Checked for register spills on sm_90 with
-# `python -m nonlocal_kernels.backends.triton.compile_check --all-configs` (docs/triton.md).
+# `python scripts/triton_compile_check.py --all-configs` (docs/triton.md).
 GPU_CONFIGS = {
     "16bit": {
         "fwd": {

@@ -7,7 +7,7 @@ contiguous inputs of the given shape would (the same block sizes, constexprs and
 specialisations: unit strides as constants, 16-divisible integers and aligned pointers marked),
 for a target such as sm_90, and reads registers, spills and shared memory from the cubin.
 
-    python -m nonlocal_kernels.backends.triton.compile_check [--arch 80,90] [--all-configs]
+    python scripts/triton_compile_check.py [--arch 80,90] [--all-configs]
            [--dtype float16,float32] [--dims 64x64,256x256,1024x512,24x40]
 
 Needs TRITON_INTERPRET unset (it is cleared here before triton is imported). Exit status 1 when
@@ -23,14 +23,16 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
+# Run from a checkout: import this checkout's package (scripts/.. on the path).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import kernels as K  # noqa: E402
-from . import launch as L  # noqa: E402
+from nonlocal_kernels.backends.triton import kernels as K  # noqa: E402
+from nonlocal_kernels.backends.triton import launch as L  # noqa: E402
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_PTRS = {"LSE", "Dd", "WK", "WV"}
