@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # pip takes torch 2.14.1 (a CUDA 13.0 build) from the machine's cache when it has one.
-TORCH_SPEC ?= torch>=2.4
+TORCH_SPEC ?= torch>=2.6
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export NONLOCAL_KERNELS_EMU ?= 1
 # Warnings in our .cu files fail the (nvcc, sm_80 + sm_90) build of the CUDA kernels.

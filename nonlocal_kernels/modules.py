@@ -166,8 +166,9 @@ class NonLocalBlock(nn.Module):
             concat_weight = self.concat_project.conv.weight.reshape(-1)
         # Under autocast the convs give the autocast dtype while x (gaussian theta) and the
         # concat weight stay float32: run the attention in one dtype.
-        dtype = (torch.get_autocast_dtype(x.device.type)
-                 if torch.is_autocast_enabled(x.device.type) else g.dtype)
+        device = x.device.type
+        autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocasting else g.dtype
         theta, phi, g = theta.to(dtype), phi.to(dtype), g.to(dtype)
         if concat_weight is not None:
             concat_weight = concat_weight.to(dtype)

@@ -1,6 +1,6 @@
 """The operators, and what is registered on each of them.
 
-One schema per kernel family (DESIGN: the op contract, docs/design.md):
+One schema per kernel family (the op contract: docs/design.md section 2):
 
   softmax        <ns>::softmax_fwd(theta (B,N,dk), phi (B,M,dk), g (B,M,dv), float scale)
                      -> (y (B,N,dv), lse (B,N))

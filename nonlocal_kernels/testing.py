@@ -1,4 +1,4 @@
-"""Error measures and the tolerance rule (DESIGN.md section 5), shared by tests and benchmarks.
+"""Error measures and the tolerance rule (docs/design.md section 5), shared by tests and benchmarks.
 
 The rule: compute the oracle in float64 (``ref64``) and the plain reference in the dtype under
 test (``ref_lp``). A result passes when
@@ -69,7 +69,7 @@ def check_close(out: torch.Tensor, ref_lp: torch.Tensor, ref64: torch.Tensor, *,
 def assert_all_ok(checks: list) -> None:
     bad = [c for c in checks if not c.ok]
     if bad:
-        raise AssertionError("outside the DESIGN.md tolerance rule: " +
+        raise AssertionError("outside the tolerance rule (docs/design.md section 5): " +
                              "; ".join(str(c) for c in bad) +
                              " | all: " + "; ".join(str(c) for c in checks))
 

@@ -1,4 +1,4 @@
-"""Worst error / tolerance ratio (DESIGN.md section 5) of a backend over many fresh draws.
+"""Worst error / tolerance ratio (docs/design.md section 5) of a backend over many fresh draws.
 
     python scripts/accuracy_sweep.py [--backend cpu|triton] [--seeds S] [--seed0 S0]
         [--cases a,b,...] [--only NAME ...] [--dtypes f32,f16,bf16] [--threads T]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should run, in one command (DESIGN.md section 9):
+# Everything a GPU machine should run, in one command (docs/design.md section 6):
 #
 #     scripts/gpu_check.sh OUT_DIR
 #

@@ -8,7 +8,7 @@
 
 Part A varies, for each wrong-dtheta case, which of theta / phi is channels-first, the forced
 configuration (NONLOCAL_KERNELS_TRITON_CONFIG) and whether lse takes a gradient, and prints the
-error/tolerance ratio (DESIGN.md rule, > 1 fails) of every output. Part B runs the faulting case
+error/tolerance ratio (docs/design.md section 5 rule, > 1 fails) of every output. Part B runs the faulting case
 in child processes whose every kernel launch is followed by a synchronize, and prints which
 kernel faulted. Each case runs in its own process: an illegal access ends its CUDA context.
 """

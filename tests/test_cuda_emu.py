@@ -1,5 +1,5 @@
 """The CUDA kernels (csrc/cuda) run by the host emulator (backend ``cuda_emu``, CPU tensors)
-against the float64 oracle with the DESIGN.md section 5 rule: ragged N/M, odd and large dk/dv,
+against the float64 oracle with the docs/design.md section 5 rule: ragged N/M, odd and large dk/dv,
 dk != dv, strided inputs, float32 / float16 / bfloat16 (and TF32), forward and every gradient,
 under several thread run orders. Shapes stay small: the emulator runs every CUDA thread as a
 fiber on the CPU.

@@ -1,6 +1,6 @@
 """Backend ``fast``: the exact dot_product reorderings and the sorted concatenation path.
 
-Everything is checked against the float64 oracle with DESIGN.md section 5's rule on fresh random
+Everything is checked against the float64 oracle with docs/design.md section 5's rule on fresh random
 data: forward and every gradient (concat_weight included), ragged sizes, M != N, dk != dv,
 strided and channels-first inputs, ties, a_i + b_j exactly 0, and error growth up to N = 1e5.
 """

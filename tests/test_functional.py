@@ -1,4 +1,4 @@
-"""nonlocal_attention: validation of every bad input (DESIGN.md section 2), empty inputs, batch
+"""nonlocal_attention: validation of every bad input (docs/design.md section 1), empty inputs, batch
 dims, autocast, and the backend registry."""
 
 import pytest

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from nonlocal_kernels import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
+from nonlocal_kernels import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock, modes
 from nonlocal_kernels.testing import max_abs_diff
 
-MODES = ["embedded_gaussian", "gaussian", "dot_product", "concatenation"]
+MODES = list(modes.NAMES)
 CLASSES = {1: NonLocal1d, 2: NonLocal2d, 3: NonLocal3d}
 SHAPES = {1: (2, 8, 9), 2: (2, 8, 5, 7), 3: (2, 8, 3, 5, 7)}  # odd sizes on purpose
 
@@ -195,6 +195,22 @@ def test_autocast(dtype, mode):
     assert max_abs_diff(z, want) <= 0.05 * delta + 1e-6
     z.sum().backward()
     assert all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("sub_sample", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_blocks_built_on_the_meta_device(dim, mode, sub_sample):
+    # A model built on the meta device (then to_empty / load_state_dict) holds blocks whose
+    # forward gives the output's shape without running a kernel, on auto's backend.
+    shape = {1: (2, 8, 9), 2: (2, 8, 9, 7), 3: (2, 8, 3, 9, 7)}[dim]
+    block = NonLocalBlock(8, dim=dim, mode=mode, sub_sample=sub_sample, norm="bn").to("meta")
+    z = block(torch.empty(shape, device="meta"))
+    assert z.device.type == "meta" and z.shape == shape and z.dtype == torch.float32
+    real = block.to_empty(device="cpu")
+    real.init_weights()
+    real.conv_out.bn.reset_running_stats()
+    assert real(torch.randn(shape)).shape == shape
 
 
 @pytest.mark.parametrize("dim,fmt", [(2, torch.channels_last), (3, torch.channels_last_3d)])

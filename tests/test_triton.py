@@ -1,4 +1,4 @@
-"""Backend ``triton``: the fused Triton kernels against the float64 oracle (DESIGN.md section 5).
+"""Backend ``triton``: the fused Triton kernels against the float64 oracle (docs/design.md section 5).
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py
 sets TRITON_INTERPRET=1), with small fixed blocks (16 x 16 tiles, head-dim chunks of 32) so

@@ -1,4 +1,4 @@
-// CPU kernels of the softmax family (DESIGN.md section 4): the interface between the op
+// CPU kernels of the softmax family (docs/design.md section 4): the interface between the op
 // registration (softmax_cpu.cpp: checks, allocation, at::parallel_for) and the tile kernels,
 // which are compiled once per instruction set (softmax_kernel_avx2.cpp with AVX2+FMA on x86-64,
 // softmax_kernel_default.cpp for any CPU) from softmax_kernel_impl.h and picked at run time.

@@ -1,4 +1,4 @@
-// Softmax-family kernels (DESIGN.md section 4): y = softmax_rows(scale * theta phi^T) g, with
+// Softmax-family kernels (docs/design.md section 4): y = softmax_rows(scale * theta phi^T) g, with
 // lse, and a FlashAttention-2 style backward that does not read lse: it recomputes each row's
 // max m and sum l in one pass over the scores, then rebuilds P = exp(scale * S - m) / l from
 // them tile by tile. Tensor cores through nvcuda::wmma (fp16/bf16 m16n16k16, tf32 m16n16k8), or

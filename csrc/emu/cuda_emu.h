@@ -1,5 +1,5 @@
 // Host emulator for CUDA kernels: lets g++ compile and run the kernels of csrc/cuda on the CPU.
-// Design: ../../DESIGN.md section 6 (shared/DESIGN.md in the project).
+// Design: docs/cuda.md (the emulator).
 //
 // - Every CUDA thread of a block is a fiber: its own stack (mmap, with a guard page), started with
 //   makecontext/swapcontext once and afterwards switched with __builtin_setjmp/__builtin_longjmp

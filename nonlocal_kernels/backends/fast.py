@@ -261,7 +261,7 @@ def _(dy, a, b, c, k, scale):
     return tuple(_empty_laid_out_like(t, t.shape, t.dtype) for t in (a, b, c))
 
 
-def _dot_double_backward(dot, dy, a, b, c, scale, ua, ub, uc) -> tuple:
+def _dot_double_backward(dot, dy, a, b, c, ua, ub, uc) -> tuple:
     """Gradients (for dy, a, b, c) of <ua, da> + <ub, db> + <uc, dc> with da, db, dc as in
     dot_product_bwd: each term is again a dot product, dot(x, y, z) = scale (x y^T) z, so this
     is differentiable to any order. None upstream gradients contribute nothing."""
@@ -289,22 +289,27 @@ def _dot_bwd_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _dot_grads(bwd, ctx, dy) -> tuple:
+    """(da, db, dc, None) by ``bwd`` (dot_product_bwd, or DotProductBackward.apply)."""
+    a, b, c, k = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None
+    return bwd(dy, a, b, c, k, ctx.scale) + (None,)
+
+
+def _dot_grads_of_grads(dot, ctx, ua, ub, uc) -> tuple:
+    """The gradients of dot_product_bwd's inputs, by ``dot(x, y, z) = scale (x y^T) z``."""
+    dy, a, b, c = ctx.saved_tensors
+    return _dot_double_backward(lambda x, y, z: dot(x, y, z, ctx.scale)[0], dy, a, b, c,
+                                ua, ub, uc) + (None, None)
+
+
 def _register_dot_autograd():
-    def backward(ctx, dy, dk):
-        a, b, c, k = ctx.saved_tensors
-        if dy is None:
-            return None, None, None, None
-        return dot_product_bwd_op(dy, a, b, c, k, ctx.scale) + (None,)
-
-    def double_backward(ctx, ua, ub, uc):
-        dy, a, b, c = ctx.saved_tensors
-
-        def dot(x, y, z):
-            return dot_product_op(x, y, z, ctx.scale)[0]
-        return _dot_double_backward(dot, dy, a, b, c, ctx.scale, ua, ub, uc) + (None, None)
-
-    dot_product_op.register_autograd(backward, setup_context=_dot_setup)
-    dot_product_bwd_op.register_autograd(double_backward, setup_context=_dot_bwd_setup)
+    dot_product_op.register_autograd(
+        lambda ctx, dy, dk: _dot_grads(dot_product_bwd_op, ctx, dy), setup_context=_dot_setup)
+    dot_product_bwd_op.register_autograd(
+        lambda ctx, ua, ub, uc: _dot_grads_of_grads(dot_product_op, ctx, ua, ub, uc),
+        setup_context=_dot_bwd_setup)
     dot_product_op.register_vmap(ops.vmap_by_folding(dot_product_op))
     dot_product_bwd_op.register_vmap(ops.vmap_by_folding(dot_product_bwd_op))
 
@@ -326,10 +331,7 @@ class DotProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dk):
-        a, b, c, k = ctx.saved_tensors
-        if dy is None:
-            return None, None, None, None
-        return DotProductBackward.apply(dy, a, b, c, k, ctx.scale) + (None,)
+        return _dot_grads(DotProductBackward.apply, ctx, dy)
 
     @staticmethod
     def vmap(info, in_dims, a, b, c, scale):
@@ -350,11 +352,7 @@ class DotProductBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ua, ub, uc):
-        dy, a, b, c = ctx.saved_tensors
-
-        def dot(x, y, z):
-            return DotProduct.apply(x, y, z, ctx.scale)[0]
-        return _dot_double_backward(dot, dy, a, b, c, ctx.scale, ua, ub, uc) + (None, None)
+        return _dot_grads_of_grads(DotProduct.apply, ctx, ua, ub, uc)
 
     @staticmethod
     def vmap(info, in_dims, dy, a, b, c, k, scale):

@@ -1,4 +1,4 @@
-"""Triton kernels for the softmax family (DESIGN.md section 4).
+"""Triton kernels for the softmax family (docs/design.md section 4).
 
     y = softmax_rows(scale * theta phi^T) g,   lse_i = logsumexp_j(scale * theta_i . phi_j)
 
