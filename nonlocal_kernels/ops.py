@@ -19,8 +19,9 @@ Tensors may have any strides. ``lse`` is float32, or float64 for float64 inputs.
 Registered on every op: a fake (shapes, dtypes and strides; it is also the op's meta kernel), a
 vmap rule (the vmapped dim folded into the batch dim the ops already have, see
 :func:`vmap_by_folding`) and autograd (``torch.library.register_autograd``): a forward op gets its
-backward formula, a backward op gets a backward that raises, so a second derivative through a
-kernel that has none is an error, never a silently wrong number.
+backward formula; a backward op gets its own formula where one is exact and cheap (fast's
+dot_product_bwd), else a backward that raises, so a second derivative through a kernel that has
+none is an error, never a silently wrong number.
 
 ``torch.func`` (grad, jacrev, vmap of a gradient) rejects the autograd.Function that
 register_autograd builds (it has no ``setup_context``, torch <= 2.14), so the package's entry
@@ -33,6 +34,7 @@ autograd.Function with ``*args`` inside a backward.)
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -100,6 +102,60 @@ def double_backward_error(who: str) -> RuntimeError:
 
 
 # ------------------------------------------------------------------------------------------
+# Calling an op from inside an autograd.Function
+# ------------------------------------------------------------------------------------------
+def _traced(args) -> bool:
+    """Whether these arguments are being traced (torch.compile, export, fake or meta tensors)
+    rather than computed."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta) for a in args)
+
+
+def run_op(op: Callable, *args, impl: Optional[Callable] = None):
+    """``op(*args)`` for an autograd.Function of this package, whose own backward handles the
+    gradients. Traced, it is the op itself, so graphs record the op. Computed, it skips the op's
+    Python layers: its autograd kernel (register_autograd's, which would only find no gradient
+    to record) and, for a custom op, the dispatch to ``impl``, its Python implementation. Those
+    layers cost 20-50 us a call, as much as the whole computation at small sizes."""
+    if _traced(args):
+        return op(*args)
+    if impl is not None:
+        return impl(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _PositionalSignature(inspect.Signature):
+    """A signature whose bind(*args) of positional arguments only is a tuple copy: every
+    parameter of these forwards is positional and has no default, so that is exactly what
+    inspect.Signature.bind followed by apply_defaults would return."""
+
+    class _Bound:
+        def __init__(self, args):
+            self.args, self.kwargs = args, {}
+
+        def apply_defaults(self):
+            pass
+
+    def bind(self, *args, **kwargs):
+        if kwargs or len(args) != len(self.parameters):
+            return super().bind(*args, **kwargs)
+        return self._Bound(args)
+
+
+def fast_apply(cls):
+    """Class decorator for this package's autograd.Functions (setup_context style, positional
+    arguments without defaults): torch's ``apply`` binds ``forward``'s arguments through
+    inspect.signature(forward).bind on every call, which parses the signature and binds in
+    Python (15-25 us a call, as much as a small problem's whole forward); forward's
+    ``__signature__`` makes that a tuple copy."""
+    params = inspect.signature(cls.forward).parameters.values()
+    assert all(p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in params), cls
+    cls.forward.__signature__ = _PositionalSignature(list(params))
+    return cls
+
+
+# ------------------------------------------------------------------------------------------
 # vmap: every op takes a leading batch dim, so a vmapped dim folds into it
 # ------------------------------------------------------------------------------------------
 def fold_batch(info, in_dims, args) -> list:
@@ -109,7 +165,7 @@ def fold_batch(info, in_dims, args) -> list:
     for a, d in zip(args, in_dims):
         if isinstance(a, torch.Tensor):
             a = a.movedim(d, 0) if d is not None else a.expand((info.batch_size,) + a.shape)
-            a = a.reshape((-1,) + a.shape[2:])
+            a = a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
         out.append(a)
     return out
 
@@ -117,7 +173,7 @@ def fold_batch(info, in_dims, args) -> list:
 def unfold_batch(outputs, batch_size: int):
     """The inverse of fold_batch on an op's outputs: (V * B, ...) -> (V, B, ...), out_dims 0."""
     def one(t):
-        return t.reshape((batch_size, -1) + t.shape[1:])
+        return t.reshape((batch_size, t.shape[0] // batch_size) + t.shape[1:])
     if isinstance(outputs, torch.Tensor):
         return one(outputs), 0
     return tuple(one(t) for t in outputs), (0,) * len(outputs)
@@ -209,13 +265,14 @@ def register_softmax_ops(namespace: str, fake: bool = True) -> None:
     torch.library.register_autograd(bwd, refuse, setup_context=lambda ctx, inputs, output: None)
 
 
+@fast_apply
 class SoftmaxBackward(torch.autograd.Function):
     """``apply(who, namespace, dy, theta, phi, g, y, lse, scale)``: namespace's softmax_bwd, whose
     own backward raises (``who``, the backend's name, appears in the message)."""
 
     @staticmethod
     def forward(who, namespace, dy, theta, phi, g, y, lse, scale):
-        return op(f"{namespace}::softmax_bwd")(dy, theta, phi, g, y, lse, scale)
+        return run_op(op(f"{namespace}::softmax_bwd"), dy, theta, phi, g, y, lse, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -231,13 +288,14 @@ class SoftmaxBackward(torch.autograd.Function):
             info, in_dims[2:], *args)
 
 
+@fast_apply
 class SoftmaxAttention(torch.autograd.Function):
     """``apply(who, namespace, theta, phi, g, scale) -> (y, lse)`` through namespace's softmax
     ops; ``who`` (the backend's name) appears in errors. Gradients flow into y and lse."""
 
     @staticmethod
     def forward(who, namespace, theta, phi, g, scale):
-        return op(f"{namespace}::softmax_fwd")(theta, phi, g, scale)
+        return run_op(op(f"{namespace}::softmax_fwd"), theta, phi, g, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -249,6 +307,9 @@ class SoftmaxAttention(torch.autograd.Function):
         theta, phi, g, y, lse = ctx.saved_tensors
 
         def bwd(dy, theta, phi, g, y, lse, scale):
+            if not torch.is_grad_enabled():  # no graph to record: the op alone
+                return run_op(op(f"{ctx.namespace}::softmax_bwd"), dy, theta, phi, g, y, lse,
+                              scale)
             return SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y, lse, scale)
         return (None, None) + softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse,
                                             ctx.scale) + (None,)

@@ -158,9 +158,12 @@ def _mm(x: torch.Tensor, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _channels_first(t: torch.Tensor) -> bool:
-    """Whether t (B, L, d) is a channels-first view (each t[b] the transpose of a contiguous
-    (d, L) matrix), as the modules pass theta / phi / g."""
-    return t.shape[1] > 1 and t.transpose(1, 2).is_contiguous()
+    """Whether t (B, L, d) with L > 1 is a channels-first view: t.transpose(1, 2) is a
+    contiguous (B, d, L) tensor, as the modules pass theta / phi / g. (From the strides: the
+    transposed view costs more than the whole check at small sizes.)"""
+    B, L, d = t.shape
+    s0, s1, s2 = t.stride()
+    return L > 1 and s1 == 1 and (d == 1 or s2 == L) and (B == 1 or s0 == d * L)
 
 
 def _empty_laid_out_like(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -173,20 +176,14 @@ def _empty_laid_out_like(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -
     return like.new_empty((B, L, d), dtype=dtype)
 
 
-def _bmm_into(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = bmm(x, y) (rounded to out's dtype), computed in out's layout: a channels-first
-    out takes the transposed product bmm(y^T, x^T), which costs the same as the plain one."""
-    cf = _channels_first(out)
-    if out.dtype == x.dtype and (cf or out.is_contiguous()):
-        if cf:
-            torch.bmm(y.transpose(1, 2), x.transpose(1, 2), out=out.transpose(1, 2))
-        else:
-            torch.bmm(x, y, out=out)
+def _bmm_like(x: torch.Tensor, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """bmm(x, y) in like's dtype and laid out as _empty_laid_out_like(like, ...) lays it out: a
+    channels-first result is the transposed product bmm(y^T, x^T), which costs the same."""
+    if _channels_first(like):
+        out = torch.bmm(y.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
     else:
-        r = torch.bmm(y.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2) if cf \
-            else torch.bmm(x, y)
-        out.copy_(r)
-    return out
+        out = torch.bmm(x, y)
+    return out.to(like.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +199,8 @@ def _dot_shapes(a, b, c):
     return B, L, K, d1, d2
 
 
-@torch.library.custom_op(f"{FAST_NS}::dot_product", mutates_args=())
-def dot_product_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _dot_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, k): y = scale (a b^T) c, (B, L, d1), (B, K, d1), (B, K, d2) -> (B, L, d2) laid out
     like a, by the cheaper exact order; k = scale b^T c (B, d1, d2), the reordered path's
     product, which the backward reuses."""
@@ -213,13 +209,15 @@ def dot_product_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
     _note("dot_product", path)
     cdt = _compute_dtype(a.dtype)
     k = torch.bmm(b.to(cdt).transpose(1, 2), c.to(cdt)).mul_(scale)  # (B, d1, d2)
-    y = _empty_laid_out_like(a, (B, L, d2), a.dtype)
     if path == "reordered":
-        _bmm_into(a.to(cdt), k, y)
+        y = _bmm_like(a.to(cdt), k, a)
     else:
         S = torch.bmm(a.to(cdt), b.to(cdt).transpose(1, 2)).mul_(scale)  # (B, L, K)
-        _bmm_into(S, c.to(cdt), y)
+        y = _bmm_like(S, c.to(cdt), a)
     return y, k
+
+
+dot_product_op = torch.library.custom_op(f"{FAST_NS}::dot_product", mutates_args=())(_dot_product)
 
 
 @dot_product_op.register_fake
@@ -229,31 +227,31 @@ def _(a, b, c, scale):
             a.new_empty((B, d1, d2), dtype=_compute_dtype(a.dtype)))
 
 
-@torch.library.custom_op(f"{FAST_NS}::dot_product_bwd", mutates_args=())
-def dot_product_bwd_op(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                       k: torch.Tensor, scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dot_product_bwd(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                     k: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, db, dc) of y = scale (a b^T) c, each laid out like its input:
     da = scale (dy c^T) b = dy k^T, db = scale (c dy^T) a, dc = scale (b a^T) dy."""
     B, L, K, d1, d2 = _dot_shapes(a, b, c)
     cdt = k.dtype
     x, p, v, dy = a.to(cdt), b.to(cdt), c.to(cdt), dy.to(cdt)
-    da = _empty_laid_out_like(a, a.shape, a.dtype)
-    db = _empty_laid_out_like(b, b.shape, b.dtype)
-    dc = _empty_laid_out_like(c, c.shape, c.dtype)
     if choose_dot_product_path(L, K, d1, d2) == "reordered":
-        _bmm_into(dy, k.transpose(1, 2), da)
+        da = _bmm_like(dy, k.transpose(1, 2), a)
         dk = torch.bmm(x.transpose(1, 2), dy).mul_(scale)  # (B, d1, d2)
-        _bmm_into(v, dk.transpose(1, 2), db)
-        _bmm_into(p, dk, dc)
+        db = _bmm_like(v, dk.transpose(1, 2), b)
+        dc = _bmm_like(p, dk, c)
     else:
         dS = torch.bmm(dy, v.transpose(1, 2)).mul_(scale)  # (B, L, K)
-        _bmm_into(dS, p, da)
-        _bmm_into(dS.transpose(1, 2), x, db)
+        da = _bmm_like(dS, p, a)
+        db = _bmm_like(dS.transpose(1, 2), x, b)
         del dS
         S = torch.bmm(x, p.transpose(1, 2)).mul_(scale)
-        _bmm_into(S.transpose(1, 2), dy, dc)
+        dc = _bmm_like(S.transpose(1, 2), dy, c)
     return da, db, dc
+
+
+dot_product_bwd_op = torch.library.custom_op(f"{FAST_NS}::dot_product_bwd",
+                                             mutates_args=())(_dot_product_bwd)
 
 
 @dot_product_bwd_op.register_fake
@@ -317,13 +315,14 @@ def _register_dot_autograd():
 _register_dot_autograd()
 
 
+@ops.fast_apply
 class DotProduct(torch.autograd.Function):
     """``apply(a, b, c, scale) -> (y, k)`` through the dot_product ops, for torch.func (see
     ops.py); its backward is :class:`DotProductBackward`, itself differentiable."""
 
     @staticmethod
     def forward(a, b, c, scale):
-        return dot_product_op(a, b, c, scale)
+        return ops.run_op(dot_product_op, a, b, c, scale, impl=_dot_product)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -331,6 +330,9 @@ class DotProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dk):
+        if not torch.is_grad_enabled():  # no graph to record: the op alone
+            return _dot_grads(lambda *a: ops.run_op(dot_product_bwd_op, *a,
+                                                    impl=_dot_product_bwd), ctx, dy)
         return _dot_grads(DotProductBackward.apply, ctx, dy)
 
     @staticmethod
@@ -339,12 +341,13 @@ class DotProduct(torch.autograd.Function):
         return ops.unfold_batch(DotProduct.apply(*args, scale), info.batch_size)
 
 
+@ops.fast_apply
 class DotProductBackward(torch.autograd.Function):
     """``apply(dy, a, b, c, k, scale) -> (da, db, dc)``; differentiable (_dot_double_backward)."""
 
     @staticmethod
     def forward(dy, a, b, c, k, scale):
-        return dot_product_bwd_op(dy, a, b, c, k, scale)
+        return ops.run_op(dot_product_bwd_op, dy, a, b, c, k, scale, impl=_dot_product_bwd)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -622,7 +625,8 @@ def _concat_compiled_fwd(theta, phi, g, w):
     wc = w.to(cdt)
     a = _project(theta, wc[:dk]).contiguous()  # (B, N)
     neg_b_sorted, perm = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
-    y, P, k = torch.ops.nonlocal_kernels.concat_sorted_fwd(a, neg_b_sorted, perm, g.to(cdt))
+    y, P, k = ops.run_op(torch.ops.nonlocal_kernels.concat_sorted_fwd.default, a, neg_b_sorted,
+                         perm, g.to(cdt))
     return y.to(theta.dtype), a, neg_b_sorted, perm, k, P
 
 
@@ -630,16 +634,15 @@ def _concat_compiled_bwd(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
     B, N, _ = theta.shape
     cdt = a.dtype
     dy = dy.to(cdt).reshape(B, N, g.shape[2]).contiguous()
-    dtheta, dphi, dg, dw = torch.ops.nonlocal_kernels.concat_sorted_bwd(
-        dy, a, k, P, neg_b_sorted, perm, g.to(cdt), theta.to(cdt), phi.to(cdt),
-        w.to(cdt).contiguous())
+    dtheta, dphi, dg, dw = ops.run_op(
+        torch.ops.nonlocal_kernels.concat_sorted_bwd.default, dy, a, k, P, neg_b_sorted, perm,
+        g.to(cdt), theta.to(cdt), phi.to(cdt), w.to(cdt).contiguous())
     return dtheta.to(theta.dtype), dphi.to(phi.dtype), dg.to(g.dtype), dw.to(w.dtype)
 
 
-@torch.library.custom_op(f"{FAST_NS}::concat_fwd", mutates_args=())
-def concat_fwd_op(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, w: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor, torch.Tensor]:
+def _concat_fwd(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, w: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor, torch.Tensor]:
     """(y, a, neg_b_sorted, perm, k, P): y = (1/M) sum_j ReLU(a_i + b_j) g_j with
     a = theta w[:dk], b = phi w[dk:], and what the backward needs: a (B, N), -b sorted and its
     permutation (B, M), k_i = #{j : a_i + b_j > 0} (B, N), the key prefix sums P (B, M+1, 2, dv).
@@ -647,6 +650,9 @@ def concat_fwd_op(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, w: to
     _note("concatenation", "sorted")
     impl = _concat_compiled_fwd if compiled_concat_available(theta.device) else _concat_pytorch_fwd
     return impl(theta, phi, g, w)
+
+
+concat_fwd_op = torch.library.custom_op(f"{FAST_NS}::concat_fwd", mutates_args=())(_concat_fwd)
 
 
 @concat_fwd_op.register_fake
@@ -660,14 +666,16 @@ def _(theta, phi, g, w):
             theta.new_empty((B, M + 1, 2, dv), dtype=cdt))
 
 
-@torch.library.custom_op(f"{FAST_NS}::concat_bwd", mutates_args=())
-def concat_bwd_op(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
-                  w: torch.Tensor, a: torch.Tensor, neg_b_sorted: torch.Tensor,
-                  perm: torch.Tensor, k: torch.Tensor, P: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _concat_bwd(dy: torch.Tensor, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
+                w: torch.Tensor, a: torch.Tensor, neg_b_sorted: torch.Tensor,
+                perm: torch.Tensor, k: torch.Tensor, P: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dtheta, dphi, dg, dw) of concat_fwd's y, the first three laid out like their inputs."""
     impl = _concat_compiled_bwd if compiled_concat_available(theta.device) else _concat_pytorch_bwd
     return impl(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)
+
+
+concat_bwd_op = torch.library.custom_op(f"{FAST_NS}::concat_bwd", mutates_args=())(_concat_bwd)
 
 
 @concat_bwd_op.register_fake
@@ -715,13 +723,15 @@ def _register_concat():
 _register_concat()
 
 
+@ops.fast_apply
 class ConcatenationBackward(torch.autograd.Function):
     """``apply(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)``: concat_bwd, whose own
     backward raises (no second derivative)."""
 
     @staticmethod
     def forward(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
-        return concat_bwd_op(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)
+        return ops.run_op(concat_bwd_op, dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P,
+                          impl=_concat_bwd)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -736,13 +746,14 @@ class ConcatenationBackward(torch.autograd.Function):
         return ops.vmap_by_loop(ConcatenationBackward.apply)(info, in_dims, *args)
 
 
+@ops.fast_apply
 class Concatenation(torch.autograd.Function):
     """``apply(theta, phi, g, w) -> (y, ...)`` through the concat ops, for torch.func (see
     ops.py); its backward is :class:`ConcatenationBackward`."""
 
     @staticmethod
     def forward(theta, phi, g, w):
-        return concat_fwd_op(theta, phi, g, w)
+        return ops.run_op(concat_fwd_op, theta, phi, g, w, impl=_concat_fwd)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -750,6 +761,9 @@ class Concatenation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *rest):
+        if not torch.is_grad_enabled():  # no graph to record: the op alone
+            return _concat_grads(lambda *a: ops.run_op(concat_bwd_op, *a, impl=_concat_bwd),
+                                 ctx, dy)
         return _concat_grads(ConcatenationBackward.apply, ctx, dy)
 
     @staticmethod
