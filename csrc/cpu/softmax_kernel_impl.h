@@ -720,7 +720,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 // unnormalised P (it is summed in pass 1, before sigma is known; nothing cancels there).
 // In exact arithmetic D_i = dy_i . y_i. The columns c where g[:, c] is all zero add nothing to
 // dP, so their share dy_ic y_ic is taken from y as given: zero for a real zero column (the
-// forward's y is exactly zero there), and -dlse_i for the column that make_softmax_function
+// forward's y is exactly zero there), and -dlse_i for the column that ops.softmax_grads
 // appends to pass a gradient flowing into lse (y: 1, dy: -dlse, g: 0).
 template <typename S, bool kPacked>
 void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
