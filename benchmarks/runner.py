@@ -168,7 +168,8 @@ def time_interleaved(spec: dict) -> dict:
     int, "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
 
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
-    sdpa and ours alike) were measured 15-50% slower than the later ones."""
+    sdpa and ours alike) are 15-50% slower than the later ones
+    (benchmarks/results/cpu-kernel-2026-11-24.md, section 7)."""
     from .baselines import get_method
 
     problem = _Problem(spec)

@@ -10,8 +10,8 @@ seed where it occurred (1.0 is the edge of the rule; NaN counts as inf), then th
 overall; the exit status is 1 when that is above 1.
 
 - cpu (defaults: 150 seeds from 1000, 1 thread, --gemm vec): shapes that stress the CPU
-  kernels (long dk or dv, ragged tiles, a mid-size problem), each in its own dtype; used to find
-  the cause of rare failures of tests/test_cpu.py. --threads matters: the backward's partial
+  kernels (long dk or dv, ragged tiles, a mid-size problem), each in its own dtype; for finding
+  the cause of a rare failure of tests/test_cpu.py. --threads matters: the backward's partial
   sums depend on it.
 - triton (defaults: 50 seeds from 0, --dtypes f32,f16, torch's thread count): the
   configurations of tests/test_triton.py (small shapes), under the Triton interpreter without a

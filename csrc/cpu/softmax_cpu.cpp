@@ -185,8 +185,9 @@ int64_t backward_groups(int64_t B, int64_t M, int64_t dk, int64_t dv, int64_t es
 // should feed (T / gcd(B, T), so the forward's B * n_qtiles tasks divide evenly) and of the
 // backward's groups. One tiling for both keeps the backward's recomputed S bit for bit the
 // forward's on the BLAS path too, whose sgemm may round differently for a different number of
-// rows (S of the forward and of the backward then differ, P = exp(S - lse) no longer cancels
-// lse's rounding, and dtheta/dphi lost up to 3x the tolerance in about 1 draw in 600).
+// rows: with two tilings S of the forward and of the backward differ, P = exp(S - lse) does not
+// cancel lse's rounding, and dtheta/dphi reach up to 3x the tolerance in about 1 draw in 600
+// (benchmarks/results/cpu-kernel-2026-11-24.md, section 6).
 CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
                   double scale) {
   CpuPlan plan{};

@@ -14,8 +14,9 @@
 //   per-tile theta / dy) packed into panels, phi/g once per call; A operands read in place.
 // - "blas": one sgemm_/dgemm_ call per tile product, on strided views (torch's own BLAS, found
 //   at load time through weak symbols).
-// benchmarks/results/cpu-*.md has the measurement: "vec" is 5-10% faster here (it packs phi/g
-// once per call where a BLAS call repacks both operands of every tile product).
+// "vec" takes 5-11% less time than "blas" on the 2-core benchmark VM (it packs phi/g once per
+// call where a BLAS call packs both operands of every tile product): section 4 of
+// benchmarks/results/cpu-kernel-2026-11-24.md.
 #pragma once
 
 #if !defined(NLK_CAPNS) || !defined(NLK_TABLE) || !defined(NLK_TABLE_LABEL)
@@ -713,7 +714,8 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 // P is also normalised by its own row sum sigma_i = sum_j P_ij (double, pass 1): lse is a float,
 // so exp(S - lse) sums to 1 only within half an ulp of lse (2.4e-7 at lse ~ 7), and a peaked row
 // with a large D multiplies that into dtheta/dphi (dS_ij = P_ij (dP_ij - D_i) cancels to a small
-// value): up to 1.22x the tolerance in 1 draw in 3000 of the ragged test case before. With
+// value): without the normalisation, up to 1.22x the tolerance in 1 draw in 3000 of the ragged
+// test case (benchmarks/results/cpu-kernel-2026-11-24.md, section 6). With
 // c_i = 1 / sigma_i: D_i = c_i sum_j P_ij dP_ij and dS_ij = c_i P_ij (dP_ij - D_i). dg keeps the
 // unnormalised P (it is summed in pass 1, before sigma is known; nothing cancels there).
 // In exact arithmetic D_i = dy_i . y_i. The columns c where g[:, c] is all zero add nothing to
@@ -771,8 +773,8 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
     if (b != zero_cols_batch) {
-      // Per column, stop at its first nonzero entry (random data: one read per column; the
-      // full M x dv scan through a channels-first g's strides cost ~1% of the backward).
+      // Per column, stop at its first nonzero entry (random data: one read per column, where a
+      // full M x dv scan through a channels-first g's strides costs about 1% of the backward).
       g_nonzero.assign(size_t(dv), 0);
       const S* gb = gin + b * p.g_stride[0];
       for (int64_t c = 0; c < dv; ++c)

@@ -374,7 +374,8 @@ __global__ void __launch_bounds__(128) softmax_fwd_kernel(NonlocalSoftmaxParams 
       sum += __shfl_xor_sync(kFull, sum, 1);
       sum_r += __shfl_xor_sync(kFull, sum_r, 1);
       // Both lanes of the pair have read m_s[r] (m_old); a shuffle orders no memory, so the
-      // barrier does, before lane 0 overwrites it (racecheck reported this pair without it).
+      // barrier does, before lane 0 overwrites it (without it, compute-sanitizer racecheck
+      // reports this pair).
       __syncwarp();
       if (h == 0) {
         const float alpha = expf(m_old - m_new);

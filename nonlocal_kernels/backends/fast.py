@@ -44,9 +44,10 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
 
   On CPU, when nonlocal_kernels._C is built, two fused C++ kernels (csrc/fast/concat_sorted.cpp)
   replace these op chains: forward = prefix sums (in float64) + binary search + output rows;
-  backward = da + per-k bins + suffix sums (in float64) + dg + db; the projections and their
-  gradients stay PyTorch ops. On this 2-core dev VM they take I3D res3 forward+backward from
-  about 8 ms to about 4-5 ms (benchmarks/results/fast-paths-2026-11-24.md).
+  backward = da + per-k bins + suffix sums (in float64) + dg + db + the projections' gradients
+  (dtheta, dphi, dw); the projections and the sort stay PyTorch ops. On the 2-core development
+  VM, I3D res3 forward+backward takes 4.4-9.0 ms with them and 7.0-11.5 ms without, on one
+  thread (section 1 of benchmarks/results/fast-paths-2026-11-24.md).
   :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
   A second backward through concatenation raises (it has no derivative of its own).
 

@@ -8,7 +8,7 @@ row tiles of one batch element, then the next batch element (no 65535 limit on B
 program_id(1) is a "part": a slice of the output columns (dv for y and dg, dk for dphi and
 dtheta) when a head dim is larger than what one program keeps in registers.
 
-Block sizes (all tl.constexpr, chosen by the launchers in ops.py):
+Block sizes (all tl.constexpr, chosen by the launchers in launch.py):
   BLOCK_M  query rows per tile, BLOCK_N key rows per tile,
   BLOCK_K  dk chunk: S = theta phi^T is accumulated over NUM_K = cdiv(dk, BLOCK_K) chunks, and
            the dphi / dtheta outputs are written in chunks of BLOCK_K columns (one per part),
