@@ -20,18 +20,39 @@ setup: build
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The peer packages whose Non-local blocks nonlocal_kernels.convert runs (tests/test_convert.py).
+# mmaction2's own requirements pull opencv-contrib and decord, which its backbones do not need:
+# it is installed without them, and what its import needs is listed here.
+PEERS := timm==1.0.31 pytorchvideo==0.1.5 mmcv-lite==2.1.0 mmengine==0.10.7 einops scipy \
+	importlib_metadata
+
+# Each set-up step writes how long it took into its stamp (make demo prints them).
 $(VENV)/.deps: $(PY) pyproject.toml
-	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH_SPEC)" ninja numpy pytest pytest-benchmark matplotlib setuptools wheel
-	touch $@
+	@t0=$$(date +%s); $(PIP) install --upgrade pip && \
+	  $(PIP) install "$(TORCH_SPEC)" ninja numpy pytest pytest-benchmark matplotlib setuptools \
+	    wheel && \
+	  $(PIP) install $(PEERS) && \
+	  $(PIP) install --no-deps mmaction2==1.2.0 && \
+	  echo "$$(( $$(date +%s) - t0 )) s installing the dependencies" > $@
 
 deps: $(VENV)/.deps
 
 # Rebuilds when a C++/CUDA source changes (ninja makes the rebuild incremental).
 $(VENV)/.built: $(VENV)/.deps $(CSRC) pyproject.toml
 	@t0=$$(date +%s); $(PIP) install --no-build-isolation --no-deps -e . && \
-	  echo "build (C++, CUDA for $${TORCH_CUDA_ARCH_LIST:-8.0;9.0} where nvcc exists, emulator): $$(( $$(date +%s) - t0 )) s"
-	touch $@
+	  echo "$$(( $$(date +%s) - t0 )) s building (C++, CUDA for $${TORCH_CUDA_ARCH_LIST:-8.0;9.0} where nvcc exists, emulator)" | tee $@
+
+# The demo builds only what it runs: no emulator, and the CUDA kernels only with a GPU (a full
+# build that is up to date serves as well).
+$(VENV)/.built-demo: $(VENV)/.deps $(CSRC) pyproject.toml
+	@if [ -f $(VENV)/.built ] && [ -z "$$(find $(CSRC) pyproject.toml -newer $(VENV)/.built)" ]; then \
+	  cp $(VENV)/.built $@; \
+	else \
+	  t0=$$(date +%s); gpu=$$($(PY) -c 'import torch; print(int(torch.cuda.is_available()))') && \
+	  NONLOCAL_KERNELS_EMU=0 NONLOCAL_KERNELS_CUDA=$$gpu \
+	    $(PIP) install --no-build-isolation --no-deps -e . && \
+	  echo "$$(( $$(date +%s) - t0 )) s building (C++$$( [ $$gpu = 1 ] && echo ', CUDA'))" | tee $@; \
+	fi
 
 build: $(VENV)/.built
 
@@ -49,11 +70,12 @@ test-cuda-build: build
 
 test: test-cuda-build test-cpp test-py
 
-demo: build
+demo: $(VENV)/.built-demo
+	@echo "set-up: $$(cat $(VENV)/.deps), $$(cat $(VENV)/.built-demo)"
 	$(PY) -m nonlocal_kernels.demo
 
 bench: build
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf build build-cmake *.egg-info nonlocal_kernels/*.so $(VENV)/.built
+	rm -rf build build-cmake *.egg-info nonlocal_kernels/*.so $(VENV)/.built $(VENV)/.built-demo

@@ -61,8 +61,21 @@ def _timed_call(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _problem(spec: dict):
+    """The problem a spec describes: a Non-local block ("block": a name in
+    benchmarks.blocks.CASES) or the attention alone ("case": B, N, M, dk, dv)."""
+    if "block" in spec:
+        from .blocks import BlockProblem
+        return BlockProblem(spec)
+    return _Problem(spec)
+
+
 class _Problem:
     """The inputs of one case (fresh random data) and its steps for a given method."""
+
+    def method(self, name: str):
+        from .baselines import get_method
+        return get_method(name)
 
     def __init__(self, spec: dict):
         self.case = Case(*spec["case"])
@@ -119,13 +132,11 @@ def measure(spec: dict) -> dict:
     steps (a list of "fwd" and/or "fwd_bwd"; CPU runs one step per process so each peak is its
     own). Each step runs once (CUDA: twice, the first a warm-up); times are taken apart, by
     time_interleaved."""
-    from .baselines import get_method
-
-    problem = _Problem(spec)
+    problem = _problem(spec)
     device = problem.device
-    fn = get_method(spec["method"])
     result = {"status": "ok"}
     try:
+        fn = problem.method(spec["method"])
         problem.prime(fn)
         problem.allocate()
 
@@ -170,15 +181,13 @@ def time_interleaved(spec: dict) -> dict:
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
     sdpa and ours alike) are 15-50% slower than the later ones
     (benchmarks/results/cpu-kernel-2026-11-24.md, section 7)."""
-    from .baselines import get_method
-
-    problem = _Problem(spec)
+    problem = _problem(spec)
     device = problem.device
     out = {m: {} for m in spec["methods"]}
     fns = {}
     for m in spec["methods"]:
         try:
-            fns[m] = get_method(m)
+            fns[m] = problem.method(m)
             problem.prime(fns[m])
         except Exception as exc:
             fns.pop(m, None)

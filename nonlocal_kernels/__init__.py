@@ -2,6 +2,7 @@
 
 from . import ops  # noqa: F401  (loads _C when built, registers fake kernels)
 from .backends import available_backends
+from .convert import ConvertedNonLocal, convert, converted_blocks
 from .functional import nonlocal_attention
 from .modules import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
 from .reference import nonlocal_reference
@@ -16,4 +17,7 @@ __all__ = [
     "NonLocal1d",
     "NonLocal2d",
     "NonLocal3d",
+    "convert",
+    "converted_blocks",
+    "ConvertedNonLocal",
 ]

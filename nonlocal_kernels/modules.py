@@ -27,19 +27,145 @@ _POOL = {1: lambda: nn.MaxPool1d(2), 2: lambda: nn.MaxPool2d((2, 2)),
 class _ConvModule(nn.Module):
     """A 1x1 conv with an optional batch norm, named like mmcv's ConvModule (conv, bn)."""
 
-    def __init__(self, dim: int, cin: int, cout: int, bias: bool = True, norm: bool = False):
+    def __init__(self, dim: int, cin: int, cout: int, bias: bool = True,
+                 norm: Optional[dict] = None):
         super().__init__()
         self.conv = _CONV[dim](cin, cout, kernel_size=1, bias=bias)
-        self.bn = _BN[dim](cout) if norm else None
+        self.bn = None
+        if norm is not None:
+            layer = nn.SyncBatchNorm if norm["sync"] else _BN[dim]
+            self.bn = layer(cout, eps=norm["eps"], momentum=norm["momentum"])
+            self.bn.requires_grad_(norm["requires_grad"])
 
     def forward(self, x):
         x = self.conv(x)
         return self.bn(x) if self.bn is not None else x
 
 
+_MMCV_BN = ("BN", "BN1d", "BN2d", "BN3d", "SyncBN")
+
+
+def _norm_from_cfg(norm: Optional[str], norm_cfg: Optional[dict], dim: int) -> Optional[dict]:
+    """The batch norm after conv_out, from ``norm`` ("bn" or None) or an mmcv ``norm_cfg``
+    (dict(type='BN3d', requires_grad=True, eps=..., momentum=...); 'BN', 'BN1d/2d/3d' and
+    'SyncBN', which mmcv also names ``bn``). None: no norm."""
+    if norm not in (None, "bn"):
+        raise ValueError(f"norm: expected None or 'bn', got {norm!r}")
+    if norm_cfg is None:
+        return None if norm is None else {"sync": False, "eps": 1e-5, "momentum": 0.1,
+                                          "requires_grad": True}
+    if norm is not None:
+        raise ValueError("norm, norm_cfg: give one of them (norm_cfg is mmcv's form of norm)")
+    if not isinstance(norm_cfg, dict) or norm_cfg.get("type") not in _MMCV_BN:
+        raise ValueError(f"norm_cfg: expected a dict with type one of {', '.join(_MMCV_BN)} "
+                         f"(mmcv's batch norms), got {norm_cfg!r}")
+    kind = norm_cfg["type"]
+    if kind[-2:] in ("1d", "2d", "3d") and kind != f"BN{dim}d":
+        raise ValueError(f"norm_cfg: type {kind!r} does not match a {dim}-D block "
+                         f"(expected 'BN{dim}d', 'BN' or 'SyncBN')")
+    unknown = set(norm_cfg) - {"type", "requires_grad", "eps", "momentum"}
+    if unknown:
+        raise ValueError(f"norm_cfg: unsupported keys {sorted(unknown)} (supported: type, "
+                         f"requires_grad, eps, momentum)")
+    return {"sync": kind == "SyncBN", "eps": norm_cfg.get("eps", 1e-5),
+            "momentum": norm_cfg.get("momentum", 0.1),
+            "requires_grad": norm_cfg.get("requires_grad", True)}
+
+
+def _check_conv_cfg(conv_cfg: Optional[dict], dim: int) -> None:
+    """mmcv's ``conv_cfg``: only the plain convolution of the block's dimension is supported."""
+    if conv_cfg is None:
+        return
+    kinds = ("Conv", f"Conv{dim}d")
+    if not isinstance(conv_cfg, dict) or conv_cfg.get("type") not in kinds or len(conv_cfg) > 1:
+        raise ValueError(f"conv_cfg: expected dict(type=...) with type one of "
+                         f"{', '.join(kinds)} for a {dim}-D block, got {conv_cfg!r}")
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _fusable(conv) -> bool:
+    """A plain 1x1 convolution (any dim) that no hook watches: one GEMM can stand in for it."""
+    return (type(conv) in _PLAIN_CONVS and conv.groups == 1
+            and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+            and all(p == 0 for p in conv.padding) and not conv._forward_hooks
+            and not conv._forward_pre_hooks and not conv._backward_hooks)
+
+
+def _conv_parts(m: nn.Module):
+    """(conv, [modules after it]) when ``m`` computes a fusable conv followed by those modules
+    (a plain conv; a conv wrapper, ours or mmcv's ConvModule, with nothing but the conv; an
+    nn.Sequential of such a wrapper and pools), else None."""
+    if _fusable(m):
+        return m, []
+    if isinstance(m, nn.Sequential) and len(m) > 0:
+        first = _conv_parts(m[0])
+        if first is None or first[1] or not all(isinstance(t, nn.modules.pooling._MaxPoolNd)
+                                                for t in m[1:]):
+            return None
+        return first[0], list(m[1:])
+    conv = getattr(m, "conv", None)
+    if conv is None or not _fusable(conv) or m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if isinstance(m, _ConvModule) and m.bn is None:
+        return conv, []
+    mmcv_plain = (type(m).__name__ == "ConvModule" and not getattr(m, "with_norm", True)
+                  and not getattr(m, "with_activation", True)
+                  and not getattr(m, "with_explicit_padding", True))
+    return (conv, []) if mmcv_plain else None
+
+
+def project(x: torch.Tensor, modules: list) -> list:
+    """[m(x) for m in modules] for projections of x (1x1 convs, possibly wrapped and followed by
+    max-pools: _conv_parts), with the convs as one GEMM when there are two or more: x is read
+    once, (sum C_out, C) times (C, positions) per batch element with the weights concatenated,
+    each conv's output a slice of the product, then its pools. Forward+backward of the three
+    projections of a Non-local block at the I3D res3 size is 1.5-2.5x faster on this CPU than
+    three separate convs (benchmarks/results/blocks-2026-11-30.md). Modules that are anything
+    else run as they are."""
+    parts = [_conv_parts(m) for m in modules]
+    if len(modules) < 2 or any(p is None or p[0].in_channels != x.shape[1]
+                               or p[0].weight.dim() != x.dim() for p in parts):
+        return [m(x) for m in modules]
+    convs = [p[0] for p in parts]
+    weight = torch.cat([c.weight.reshape(c.out_channels, -1) for c in convs])
+    out = torch.matmul(weight, x.flatten(2))  # (n, sum C_out, positions)
+    if any(c.bias is not None for c in convs):
+        bias = torch.cat([c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels)
+                          for c in convs])
+        out = out + bias.to(out.dtype)[:, None]
+    results = []
+    for t, (conv, after) in zip(out.split([c.out_channels for c in convs], dim=1), parts):
+        t = t.view((x.shape[0], t.shape[1]) + tuple(x.shape[2:]))
+        for m in after:
+            t = m(t)
+        results.append(t)
+    return results
+
+
 def _positions(t: torch.Tensor) -> torch.Tensor:
     """(n, C, *spatial) -> (n, P, C) channels-first view, no copy."""
     return t.flatten(2).transpose(1, 2)
+
+
+def block_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *, mode: str,
+                    scale: Optional[float], concat_weight: Optional[torch.Tensor],
+                    backend: str) -> torch.Tensor:
+    """A block's attention on its (n, C, *spatial) feature maps: theta over the query
+    positions, phi and g over the (possibly pooled) key positions -> y (n, C_g, *spatial of
+    theta), channels-first views in and out (no copies). Under autocast the convs give the
+    autocast dtype while x (a Gaussian theta) and a concat weight stay float32: the attention
+    runs in one dtype, the autocast one."""
+    device = theta.device.type
+    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocasting else g.dtype
+    y = nonlocal_attention(_positions(theta).to(dtype), _positions(phi).to(dtype),
+                           _positions(g).to(dtype), mode=mode, scale=scale,
+                           concat_weight=None if concat_weight is None
+                           else concat_weight.to(dtype), backend=backend)
+    # (n, N, C') -> (n, C', *spatial): a view, no copy.
+    return y.transpose(1, 2).reshape((theta.shape[0], y.shape[2]) + tuple(theta.shape[2:]))
 
 
 class NonLocalBlock(nn.Module):
@@ -50,6 +176,9 @@ class NonLocalBlock(nn.Module):
     ``sub_sample=False`` (max-pool phi and g by 2 over space only); ``mode`` one of
     embedded_gaussian, gaussian, dot_product, concatenation; ``norm=None`` or ``"bn"`` (batch
     norm after conv_out); ``zeros_init=True`` (a fresh block is the identity).
+    mmcv's configuration dicts work too, so an mmaction2 ``non_local_cfg`` passes through:
+    ``norm_cfg`` (dict(type='BN3d', requires_grad=True), any of 'BN', 'BN1d/2d/3d', 'SyncBN',
+    with eps and momentum), ``conv_cfg`` (dict(type='Conv3d'), the block's own conv only).
     Extensions: ``inter_channels`` overrides reduction; ``pool_before_conv=True`` pools x before
     the phi/g convs (Caffe2/SlowFast order, cheaper); ``scale`` (float) overrides the softmax
     scale; ``backend`` is passed to :func:`nonlocal_attention`.
@@ -59,13 +188,14 @@ class NonLocalBlock(nn.Module):
                  sub_sample: bool = False, mode: str = "embedded_gaussian",
                  norm: Optional[str] = None, zeros_init: bool = True,
                  inter_channels: Optional[int] = None, pool_before_conv: bool = False,
-                 scale: Optional[float] = None, backend: str = "auto", std: float = 0.01):
+                 scale: Optional[float] = None, backend: str = "auto", std: float = 0.01,
+                 norm_cfg: Optional[dict] = None, conv_cfg: Optional[dict] = None):
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim: expected 1, 2 or 3, got {dim!r}")
         m = _modes.get(mode)
-        if norm not in (None, "bn"):
-            raise ValueError(f"norm: expected None or 'bn', got {norm!r}")
+        norm_layer = _norm_from_cfg(norm, norm_cfg, dim)
+        _check_conv_cfg(conv_cfg, dim)
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels: expected a positive int, got {in_channels!r}")
         if inter_channels is None:
@@ -86,7 +216,7 @@ class NonLocalBlock(nn.Module):
         self.use_scale = use_scale
         self.sub_sample = sub_sample
         self.mode = mode
-        self.norm = norm
+        self.norm = None if norm_layer is None else "bn"
         self.pool_before_conv = pool_before_conv
         self.backend = backend
         if scale is not None:
@@ -97,8 +227,8 @@ class NonLocalBlock(nn.Module):
             self.scale = 1.0 if m.takes_scale else None
 
         self.g = _ConvModule(dim, in_channels, inter_channels)
-        self.conv_out = _ConvModule(dim, inter_channels, in_channels, bias=norm is None,
-                                    norm=norm == "bn")
+        self.conv_out = _ConvModule(dim, inter_channels, in_channels, bias=norm_layer is None,
+                                    norm=norm_layer)
         if mode != "gaussian":
             self.theta = _ConvModule(dim, in_channels, inter_channels)
             self.phi = _ConvModule(dim, in_channels, inter_channels)
@@ -154,28 +284,18 @@ class NonLocalBlock(nn.Module):
                 raise ValueError(f"x: sub_sample pools space by 2, so every spatial size must "
                                  f"be >= 2; got shape {tuple(x.shape)}")
         kv_in = self.pool(x) if self.pool is not None else x
-        g = self.g(kv_in)
         if self.mode == "gaussian":  # theta = x, phi = x (pooled when sub-sampling)
-            theta = x
+            theta, g = x, self.g(kv_in)
             phi = self.phi(x) if self.sub_sample and self.pool is None else kv_in
+        elif self.pool is None:
+            theta, phi, g = project(x, [self.theta, self.phi, self.g])
         else:
-            theta, phi = self.theta(x), self.phi(kv_in)
-        theta, phi, g = _positions(theta), _positions(phi), _positions(g)
+            theta, (phi, g) = self.theta(x), project(kv_in, [self.phi, self.g])
         concat_weight = None
         if _modes.get(self.mode).takes_concat_weight:
             concat_weight = self.concat_project.conv.weight.reshape(-1)
-        # Under autocast the convs give the autocast dtype while x (gaussian theta) and the
-        # concat weight stay float32: run the attention in one dtype.
-        device = x.device.type
-        autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocasting else g.dtype
-        theta, phi, g = theta.to(dtype), phi.to(dtype), g.to(dtype)
-        if concat_weight is not None:
-            concat_weight = concat_weight.to(dtype)
-        y = nonlocal_attention(theta, phi, g, mode=self.mode, scale=self.scale,
-                               concat_weight=concat_weight, backend=self.backend)
-        # (n, N, C') -> (n, C', *spatial): a view, no copy.
-        y = y.transpose(1, 2).reshape((x.shape[0], self.inter_channels) + tuple(x.shape[2:]))
+        y = block_attention(theta, phi, g, mode=self.mode, scale=self.scale,
+                            concat_weight=concat_weight, backend=self.backend)
         return x + self.conv_out(y)
 
 
