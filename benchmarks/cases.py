@@ -1,4 +1,4 @@
-"""Benchmark shapes (docs/design.md section 8) and the FLOP model."""
+"""Benchmark shapes (docs/design.md section 9) and the FLOP model."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ PRESETS = {
         Case(1, 6272, 1568, 256, 256, "TSM-NL res3, B=1"),
         Case(1, 25088, 6272, 256, 256, "long video 8x56x56"),
     ],
-    # The GPU shapes of docs/design.md section 8.
+    # The GPU shapes of docs/design.md section 9.
     "gpu": [
         Case(8, 3136, 784, 256, 256, "I3D-NL res3"),
         Case(8, 784, 196, 512, 512, "I3D-NL res4"),
