@@ -59,6 +59,17 @@ inline void set_strides3(int64_t* dst, const at::Tensor& t) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
+// Points a (B, rows, cols) tensor field of the params struct and its strides at t: an input
+// (read only) or an output the kernel writes.
+inline void set_tensor3(const void*& ptr, int64_t* strides, const at::Tensor& t) {
+  ptr = t.const_data_ptr();
+  set_strides3(strides, t);
+}
+inline void set_tensor3(void*& ptr, int64_t* strides, const at::Tensor& t) {
+  ptr = t.mutable_data_ptr();
+  set_strides3(strides, t);
+}
+
 // The params struct for validated theta (B, N, dk), phi (B, M, dk), g (B, M, dv): sizes, input
 // pointers and strides; every other field zero (outputs are set by the caller).
 inline NonlocalSoftmaxParams softmax_params(const at::Tensor& theta, const at::Tensor& phi,
@@ -70,12 +81,9 @@ inline NonlocalSoftmaxParams softmax_params(const at::Tensor& theta, const at::T
   p.dk = theta.size(2);
   p.dv = g.size(2);
   p.scale = static_cast<float>(scale);
-  p.theta = theta.const_data_ptr();
-  p.phi = phi.const_data_ptr();
-  p.g = g.const_data_ptr();
-  set_strides3(p.theta_stride, theta);
-  set_strides3(p.phi_stride, phi);
-  set_strides3(p.g_stride, g);
+  set_tensor3(p.theta, p.theta_stride, theta);
+  set_tensor3(p.phi, p.phi_stride, phi);
+  set_tensor3(p.g, p.g_stride, g);
   return p;
 }
 
@@ -92,14 +100,10 @@ inline void set_y_lse(NonlocalSoftmaxParams& p, const at::Tensor& y, const at::T
 inline void set_backward_tensors(NonlocalSoftmaxParams& p, const at::Tensor& dy,
                                  const at::Tensor& dtheta, const at::Tensor& dphi,
                                  const at::Tensor& dg) {
-  p.dy = dy.const_data_ptr();
-  set_strides3(p.dy_stride, dy);
-  p.dtheta = dtheta.mutable_data_ptr();
-  p.dphi = dphi.mutable_data_ptr();
-  p.dg = dg.mutable_data_ptr();
-  set_strides3(p.dtheta_stride, dtheta);
-  set_strides3(p.dphi_stride, dphi);
-  set_strides3(p.dg_stride, dg);
+  set_tensor3(p.dy, p.dy_stride, dy);
+  set_tensor3(p.dtheta, p.dtheta_stride, dtheta);
+  set_tensor3(p.dphi, p.dphi_stride, dphi);
+  set_tensor3(p.dg, p.dg_stride, dg);
 }
 
 // softmax_bwd's dy, y, lse against theta, phi, g (already checked by check_softmax_inputs).

@@ -626,14 +626,78 @@ View<A> a_operand(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t co
   return View<A>{buf, cols, 1};
 }
 
+// Row stride of the S / dP tiles of BN columns: padded so that their columns (read by the
+// micro-kernel as P^T and dS^T) do not map to a handful of L1 sets when BN is a power of two.
+constexpr int64_t score_ld(int64_t BN) { return BN + 16; }
+
+// The tile products of the forward and the backward, on either path: the packed path multiplies
+// by B-panels (of phi, g or their transposes, packed once per call, or of the task's query-side
+// tile), the BLAS path calls Gemm on strided views of the same matrices. A key tile j is rows
+// j0 .. j0 + bn - 1 of phi or g of batch b.
+
+// phi or g as a B operand: packed path, its B-panels per batch (bs elements apart), of the matrix
+// itself for products with a key tile, of its transpose for products with a key tile's
+// transpose; BLAS path, the strided view m.
+struct KeyOperand {
+  const void* panels;
+  int64_t bs;
+  MatView m;
+};
+
+template <typename A>
+View<A> key_tile(const MatView& m, int64_t b, int64_t j0) {
+  return View<A>{static_cast<const A*>(m.ptr) + b * m.bs + j0 * m.rs, m.rs, m.cs};
+}
+
+// out (bm x bn, ldo) = X Y_j^T over depth d (X: bm x d): S = scale theta phi_j^T (the scale is in
+// the phi^T panels, or in X on the BLAS path) and dP = dy g_j^T. Both kernels take S from here:
+// the backward's P = exp(S - lse) needs the forward's S bit for bit.
+template <typename A, bool kPacked>
+void times_key_tile_t(Gemm<A>& gemm, const View<A>& x, const KeyOperand& y, int64_t b,
+                      int64_t j0, int64_t bm, int64_t bn, int64_t d, A* out, int64_t ldo,
+                      A* edge) {
+  if constexpr (kPacked) {
+    constexpr int64_t NR = kNR<A>;
+    const A* yt = static_cast<const A*>(y.panels) + b * y.bs + (j0 / NR) * d * NR;
+    gemm_panels<A>(bm, bn, d, x, Panels<A>{yt, d, 0}, false, out, ldo, edge);
+  } else {
+    gemm(bm, bn, d, x, key_tile<A>(y.m, b, j0).t(), false, out, ldo);
+  }
+}
+
+// out (bm x d, ldo) = (or += when accumulate) X Y_j (X: bm x bn; Y has M rows): acc += P g_j
+// and dtheta += dS phi_j.
+template <typename A, bool kPacked>
+void times_key_tile(Gemm<A>& gemm, const View<A>& x, const KeyOperand& y, int64_t b, int64_t j0,
+                    int64_t bm, int64_t bn, int64_t M, int64_t d, bool accumulate, A* out,
+                    int64_t ldo, A* edge) {
+  if constexpr (kPacked) {
+    const A* yp = static_cast<const A*>(y.panels) + b * y.bs;
+    gemm_panels<A>(bm, d, bn, x, Panels<A>{yp, M, j0}, accumulate, out, ldo, edge);
+  } else {
+    gemm(bm, d, bn, x, key_tile<A>(y.m, b, j0), accumulate, out, ldo);
+  }
+}
+
+// out (bn x d, ldo) = (or += when accumulate) X Q (X: bn x bm), Q the task's query-side tile
+// (bm x d): its B-panels qp on the packed path, the view qv on the BLAS path. dg_j += P^T dy and
+// dphi_j += dS^T (scale theta).
+template <typename A, bool kPacked>
+void times_query_tile(Gemm<A>& gemm, const View<A>& x, const A* qp, const View<A>& qv,
+                      int64_t bn, int64_t bm, int64_t d, bool accumulate, A* out, int64_t ldo,
+                      A* edge) {
+  if constexpr (kPacked) {
+    gemm_panels<A>(bn, d, bm, x, Panels<A>{qp, bm, 0}, accumulate, out, ldo, edge);
+  } else {
+    gemm(bn, d, bm, x, qv, accumulate, out, ldo);
+  }
+}
+
 template <typename S, bool kPacked>
 void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
-  constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
-  // Row stride of the S / dP tiles: padded so that their columns (read by the micro-kernel as
-  // P^T and dS^T) do not map to a handful of L1 sets when BN is a power of two.
-  const int64_t LS = BN + 16;
+  const int64_t LS = score_ld(BN);
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
   Arena& arena = worker_arena;
   arena.reserve(Arena::bytes_for<A>(BM * dk) + Arena::bytes_for<A>(BM * LS) +
@@ -646,6 +710,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   A* edge = arena.take<A>(kMR * kKC);
   double* lrow = arena.take<double>(BM);
   Gemm<A> gemm(!plan.packed);
+  const KeyOperand phi_t{plan.kt, plan.kt_bs, plan.k}, g{plan.vp, plan.v_bs, plan.v};  // S, P g
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
@@ -667,26 +732,12 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
       // S = scale theta phi_j^T
-      if constexpr (kPacked) {
-        const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
-        gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
-      } else {
-        const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
-                         plan.k.rs, plan.k.cs};
-        gemm(bm, bn, dk, qv, kj.t(), false, s, LS);
-      }
+      times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
       for (int64_t r = 0; r < bm; ++r)
         online_softmax_row(s + r * LS, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
-      if constexpr (kPacked) {
-        const A* vp = static_cast<const A*>(plan.vp) + b * plan.v_bs;
-        gemm_panels<A>(bm, dv, bn, View<A>{s, LS, 1}, Panels<A>{vp, M, j0}, j0 > 0, acc, dv,
-                       edge);
-      } else {
-        const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
-                         plan.v.rs, plan.v.cs};
-        gemm(bm, dv, bn, View<A>{s, LS, 1}, vj, j0 > 0, acc, dv);
-      }
+      times_key_tile<A, kPacked>(gemm, View<A>{s, LS, 1}, g, b, j0, bm, bn, M, dv, j0 > 0, acc,
+                                 dv, edge);
     }
     for (int64_t r = 0; r < bm; ++r) {
       const A inv = static_cast<A>(1.0 / lrow[r]);
@@ -727,10 +778,8 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   using A = typename Compute<S>::type;
   constexpr int64_t NR = kNR<A>;
   const int64_t N = p.N, M = p.M, dk = p.dk, dv = p.dv, BM = plan.BM, BN = plan.BN;
-  // Row stride of the S / dP tiles: padded so that their columns (read by the micro-kernel as
-  // P^T and dS^T) do not map to a handful of L1 sets when BN is a power of two.
-  const int64_t LS = BN + 16;
-  const int64_t LQ = dk + 16;  // row stride of the dtheta tile, padded for the same reason
+  const int64_t LS = score_ld(BN);
+  const int64_t LQ = dk + 16;  // row stride of the dtheta tile, padded as score_ld pads
   const int64_t G = plan.groups;
   const int64_t n_ktiles = (M + BN - 1) / BN;
   const A scale = static_cast<A>(plan.scale);  // double: params.h holds a float
@@ -758,6 +807,9 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   A* qbp = arena.take<A>(qb_n);
   A* dybp = arena.take<A>(dyb_n);
   Gemm<A> gemm(!plan.packed);
+  const KeyOperand phi_t{plan.kt, plan.kt_bs, plan.k};  // S
+  const KeyOperand phi{plan.kp, plan.k_bs, plan.k};      // dS phi
+  const KeyOperand g_t{plan.vtp, plan.vt_bs, plan.v};    // dP
   std::vector<char> g_nonzero;      // per column of g[b]: any nonzero entry
   std::vector<int64_t> zero_cols;  // the all-zero columns of g[b]
   int64_t zero_cols_batch = -1;
@@ -820,27 +872,14 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         A* s = s_all + (j0 / BN) * BM * LS;
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> pt{s, 1, LS};  // P^T
-        if constexpr (kPacked) {
-          const A* kt = static_cast<const A*>(plan.kt) + b * plan.kt_bs + (j0 / NR) * dk * NR;
-          const A* vt = static_cast<const A*>(plan.vtp) + b * plan.vt_bs + (j0 / NR) * dv * NR;
-          // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
-          gemm_panels<A>(bm, bn, dk, qv, Panels<A>{kt, dk, 0}, false, s, LS, edge);
-          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
-          // dg_j += P^T dy
-          gemm_panels<A>(bn, dv, bm, pt, Panels<A>{dybp, bm, 0}, acc_kv, dvp + j0 * dv, dv,
-                         edge);
-          // dP = dy g_j^T
-          gemm_panels<A>(bm, bn, dv, dyv, Panels<A>{vt, dv, 0}, false, dp, LS, edge);
-        } else {
-          const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
-                           plan.k.rs, plan.k.cs};
-          const View<A> vj{static_cast<const A*>(plan.v.ptr) + b * plan.v.bs + j0 * plan.v.rs,
-                           plan.v.rs, plan.v.cs};
-          gemm(bm, bn, dk, qv, kj.t(), false, s, LS);
-          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
-          gemm(bn, dv, bm, pt, dyv, acc_kv, dvp + j0 * dv, dv);
-          gemm(bm, bn, dv, dyv, vj.t(), false, dp, LS);
-        }
+        // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
+        times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+        for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
+        // dg_j += P^T dy
+        times_query_tile<A, kPacked>(gemm, pt, dybp, dyv, bn, bm, dv, acc_kv, dvp + j0 * dv, dv,
+                                     edge);
+        // dP = dy g_j^T
+        times_key_tile_t<A, kPacked>(gemm, dyv, g_t, b, j0, bm, bn, dv, dp, LS, edge);
         for (int64_t r = 0; r < bm; ++r) {  // key tiles in order: deterministic
           double dot, sum;
           dot_sum_double(s + r * LS, dp + r * LS, bn, dot, sum);
@@ -869,18 +908,10 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         const View<A> dst{dp, 1, LS}, ds{dp, LS, 1};  // dS^T, dS
         for (int64_t r = 0; r < bm; ++r)
           softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r], Pinv[r]);
-        if constexpr (kPacked) {
-          const A* kp = static_cast<const A*>(plan.kp) + b * plan.k_bs;
-          gemm_panels<A>(bn, dk, bm, dst, Panels<A>{qbp, bm, 0}, acc_kv, dkp + j0 * dk, dk,
-                         edge);
-          gemm_panels<A>(bm, dk, bn, ds, Panels<A>{kp, M, j0}, jt < n_ktiles - 1, dq, LQ,
-                         edge);
-        } else {
-          const View<A> kj{static_cast<const A*>(plan.k.ptr) + b * plan.k.bs + j0 * plan.k.rs,
-                           plan.k.rs, plan.k.cs};
-          gemm(bn, dk, bm, dst, qv, acc_kv, dkp + j0 * dk, dk);
-          gemm(bm, dk, bn, ds, kj, jt < n_ktiles - 1, dq, LQ);
-        }
+        times_query_tile<A, kPacked>(gemm, dst, qbp, qv, bn, bm, dk, acc_kv, dkp + j0 * dk, dk,
+                                     edge);
+        times_key_tile<A, kPacked>(gemm, ds, phi, b, j0, bm, bn, M, dk, jt < n_ktiles - 1, dq,
+                                   LQ, edge);
       }
       store_tile<S, A>(dq, LQ, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
                        p.dtheta_stride[1], p.dtheta_stride[2], scale);

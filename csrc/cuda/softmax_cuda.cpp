@@ -12,21 +12,14 @@
 namespace nonlocal_kernels {
 namespace {
 
-const SoftmaxKernels& kernels() {
-  static const SoftmaxKernels k = NLK_SOFTMAX_KERNELS(cuda_kernels);
-  return k;
-}
-
-void check_cuda(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ", t.device());
-}
+constexpr SoftmaxKernels kKernels = NLK_SOFTMAX_KERNELS(cuda_kernels);
 
 std::tuple<at::Tensor, at::Tensor> softmax_fwd_cuda(const at::Tensor& theta, const at::Tensor& phi,
                                                     const at::Tensor& g, double scale) {
   const char* op = "nonlocal_kernels::softmax_fwd (cuda)";
-  check_cuda(theta, "theta", op);
+  check_device_type(theta, at::kCUDA, "theta", op);
   const c10::cuda::CUDAGuard guard(theta.device());
-  return cuda_softmax_fwd(kernels(), theta, phi, g, scale,
+  return cuda_softmax_fwd(kKernels, theta, phi, g, scale,
                           c10::cuda::getCurrentCUDAStream().stream(), op);
 }
 
@@ -34,9 +27,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
     const at::Tensor& y, const at::Tensor& lse, double scale) {
   const char* op = "nonlocal_kernels::softmax_bwd (cuda)";
-  check_cuda(theta, "theta", op);
+  check_device_type(theta, at::kCUDA, "theta", op);
   const c10::cuda::CUDAGuard guard(theta.device());
-  return cuda_softmax_bwd(kernels(), dy, theta, phi, g, y, lse, scale,
+  return cuda_softmax_bwd(kKernels, dy, theta, phi, g, y, lse, scale,
                           c10::cuda::getCurrentCUDAStream().stream(), op);
 }
 

@@ -13,6 +13,13 @@
 
 namespace nonlocal_kernels {
 
+// The registrations take tensors of one device type: CUDA, or CPU for the emulated kernels.
+inline void check_device_type(const at::Tensor& t, at::DeviceType type, const char* name,
+                              const char* op) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, ": expected a ",
+              c10::DeviceTypeName(type), " tensor, got device ", t.device());
+}
+
 inline SoftmaxLaunchFn pick_softmax_kernel(const SoftmaxKernels& k, at::ScalarType dtype,
                                            bool allow_tf32, bool backward, const char* op) {
   switch (dtype) {

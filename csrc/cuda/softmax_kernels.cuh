@@ -172,11 +172,16 @@ struct Cfg {
   static_assert(SMEM <= 96 * 1024, "shared memory plan too large");
 };
 
+// The block's dynamic shared memory (Cfg::SMEM bytes), by region.
 template <class P>
 struct Smem {
   using C = Cfg<P>;
   using In = typename P::In;
   unsigned char* base;
+  __device__ Smem() {
+    EMU_DYNAMIC_SMEM(unsigned char, smem);
+    base = smem;
+  }
   __device__ In* u0() const { return reinterpret_cast<In*>(base); }
   __device__ In* u1() const { return reinterpret_cast<In*>(base) + 64 * C::LDK; }
   __device__ float* s() const { return reinterpret_cast<float*>(base + C::U_BYTES); }
@@ -196,14 +201,34 @@ struct FragMap {
 
 // Discover the accumulator layout: load a tile holding 0..255 (scratch: 16x16 floats).
 template <class P>
-__device__ void discover_layout(FragMap<P>& map, float* scratch) {
+__device__ FragMap<P> discover_layout(float* scratch) {
   for (int e = threadIdx.x; e < 256; e += Cfg<P>::THREADS) scratch[e] = float(e);
   __syncthreads();
   typename P::Acc t;
   P::load_acc(t, scratch, 16);
+  FragMap<P> map;
   for (int i = 0; i < P::Acc::num_elements; ++i) map.rc[i] = static_cast<unsigned char>(t.x[i]);
   __syncthreads();
+  return map;
 }
+
+// One batch element of a strided (B, rows, cols) tensor of the params struct (T const for the
+// inputs): element (r, c) at ptr[r * s[1] + c * s[2]]. The strides stay in the params and are
+// read where used, as kernel parameters (copies held in registers cost the kernels up to 15
+// registers a thread).
+template <class T>
+struct Mat {
+  T* ptr;
+  const int64_t* s;  // batch, row, column
+  __device__ Mat(T* p, const int64_t* strides) : ptr(p), s(strides) {}
+  // Batch element b of tensor t.
+  template <class V>
+  __device__ Mat(V* t, const int64_t* strides, int64_t b)
+      : ptr(static_cast<T*>(t) + b * strides[0]), s(strides) {}
+  // The part from row r0 and column c0 on.
+  __device__ Mat at(int64_t r0, int64_t c0) const { return Mat(ptr + r0 * s[1] + c0 * s[2], s); }
+  __device__ T& operator()(int64_t r, int64_t c) const { return ptr[r * s[1] + c * s[2]]; }
+};
 
 // Copy a ROWS x COLS tile of a strided global matrix into shared memory (leading dimension ld),
 // converting to In; rows >= rv or columns >= cv are zero. Threads walk the dimension with unit
@@ -236,7 +261,9 @@ __device__ void load_tile_vec(In* dst, int ld, const T* src, int64_t other, int 
 }
 
 template <int ROWS, int COLS, int THREADS, class In, class T>
-__device__ void load_tile(In* dst, int ld, const T* src, int64_t sr, int64_t sc, int rv, int cv) {
+__device__ void load_tile(In* dst, int ld, const Mat<const T>& m, int rv, int cv) {
+  const T* src = m.ptr;
+  const int64_t sr = m.s[1], sc = m.s[2];
   constexpr int V = 16 / int(sizeof(T));
   const bool rows_fast = sr == 1 && sc != 1;
   const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0;
@@ -283,8 +310,8 @@ __device__ void warp_gemm(typename P::Acc (&acc)[NJ], int nj, const typename P::
 // Scores of a 64 x 64 tile for this warp's 16 rows: s[j] = X_rows Y_j^T over the full feature
 // dimension d, X and Y streamed in chunks of KC through the shared region (u0: X, u1: Y).
 template <class P, class T>
-__device__ void tile_scores(typename P::Acc (&s)[4], const Smem<P>& sm, const T* x, const int64_t* xs,
-                            int xrows, const T* y, const int64_t* ys, int yrows, int64_t d) {
+__device__ void tile_scores(typename P::Acc (&s)[4], const Smem<P>& sm, const Mat<const T>& x,
+                            int xrows, const Mat<const T>& y, int yrows, int64_t d) {
   using C = Cfg<P>;
   const int warp = threadIdx.x / 32;
   for (int j = 0; j < 4; ++j) P::zero(s[j]);
@@ -292,8 +319,8 @@ __device__ void tile_scores(typename P::Acc (&s)[4], const Smem<P>& sm, const T*
   for (int64_t k0 = 0; k0 < d; k0 += C::KC) {
     const int kc = imin<int64_t>(C::KC, d - k0);
     __syncthreads();  // everyone is done with the shared region
-    load_tile<64, C::KC, C::THREADS>(sm.u0(), C::LDK, x + k0 * xs[2], xs[1], xs[2], xrows, kc);
-    load_tile<64, C::KC, C::THREADS>(sm.u1(), C::LDK, y + k0 * ys[2], ys[1], ys[2], yrows, kc);
+    load_tile<64, C::KC, C::THREADS>(sm.u0(), C::LDK, x.at(0, k0), xrows, kc);
+    load_tile<64, C::KC, C::THREADS>(sm.u1(), C::LDK, y.at(0, k0), yrows, kc);
     __syncthreads();
     if constexpr (P::kChunkSums) {
       typename P::Acc part[4];
@@ -309,6 +336,103 @@ __device__ void tile_scores(typename P::Acc (&s)[4], const Smem<P>& sm, const T*
   }
 }
 
+// --- what the tile kernels share ----------------------------------------------------------------
+
+// What a block of the tile kernels starts from: its shared memory, this thread's warp and lane,
+// and the tile it owns of a batch element's n rows (query rows, or key rows for dkv). grid.x
+// walks the `tiles` tiles of `size` rows of batch element 0, then those of batch element 1, ...:
+// b is the block's batch element, row0 its tile's first row, rows the tile's rows below n (fewer
+// in the last tile). theta, phi and g are batch element b of the inputs.
+template <class P, class T>
+struct Block {
+  Smem<P> sm;
+  int warp, lane;
+  int64_t b, row0;
+  int rows;
+  Mat<const T> theta, phi, g;
+  __device__ Block(const NonlocalSoftmaxParams& p, int tiles, int64_t n, int size)
+      : warp(threadIdx.x / 32), lane(threadIdx.x % 32), b(blockIdx.x / tiles),
+        row0(int64_t(blockIdx.x % tiles) * size), rows(imin<int64_t>(size, n - row0)),
+        theta(p.theta, p.theta_stride, b), phi(p.phi, p.phi_stride, b), g(p.g, p.g_stride, b) {}
+};
+
+// tile_scores (this warp's 16 rows) stored to the fp32 tile sm.s(), where the warp's lanes read
+// each other's elements.
+template <class P, class T>
+__device__ void scores_to_smem(const Smem<P>& sm, const Mat<const T>& x, int xrows,
+                               const Mat<const T>& y, int yrows, int64_t d) {
+  using C = Cfg<P>;
+  const int warp = threadIdx.x / 32;
+  typename P::Acc s[4];
+  tile_scores<P, T>(s, sm, x, xrows, y, yrows, d);
+  for (int j = 0; j < 4; ++j) P::store(sm.s() + warp * 16 * C::LDS + j * 16, s[j], C::LDS);
+  __syncwarp();
+}
+
+// The output columns a block writes: chunk `chunk` of OC columns (grid.y, or a part of it)
+// starts at column c0 and has oc columns below width, in nj 16-column tiles.
+template <class P>
+struct OutChunk {
+  int64_t c0;
+  int oc, nj;
+  __device__ OutChunk(int64_t chunk, int64_t width)
+      : c0(chunk * Cfg<P>::OC), oc(imin<int64_t>(Cfg<P>::OC, width - c0)), nj((oc + 15) / 16) {}
+};
+
+// This warp's float32 accumulators of an output chunk (frag[j]: its 16 rows, the chunk's columns
+// 16j to 16j + 15), zero at first. Kept apart from OutChunk: the fp32 path indexes frag
+// dynamically, which keeps the whole object in local memory (c0, oc and nj with it, were they
+// members).
+template <class P>
+struct ChunkAcc {
+  using C = Cfg<P>;
+  using Acc = typename P::Acc;
+  Acc frag[C::OC / 16];
+
+  __device__ ChunkAcc() {
+    for (int j = 0; j < C::OC / 16; ++j) P::zero(frag[j]);
+  }
+
+  // Row r (of the block's 64) times f[r].
+  __device__ void scale_rows(const OutChunk<P>& ch, const FragMap<P>& map, const float* f) {
+    const int warp = threadIdx.x / 32;
+    for (int j = 0; j < C::OC / 16; ++j) {
+      if (j >= ch.nj) break;
+      for (int i = 0; i < Acc::num_elements; ++i) frag[j].x[i] *= f[warp * 16 + map.row(i)];
+    }
+  }
+
+  // Adds this warp's 16 rows of the In tile sm.p() (64 x n) times rows 0..n-1 of src in the
+  // chunk's columns, which are staged through the shared region. The first barrier: every warp
+  // is done with the shared region (score or dP chunks) and has written its rows of sm.p().
+  template <class T>
+  __device__ void add_product(const OutChunk<P>& ch, const Smem<P>& sm, const Mat<const T>& src,
+                              int n) {
+    const int warp = threadIdx.x / 32;
+    __syncthreads();
+    load_tile<64, C::OC, C::THREADS>(sm.u0(), C::LDO, src.at(0, ch.c0), n, ch.oc);
+    __syncthreads();
+    warp_gemm<P, wmma::row_major, wmma::row_major>(frag, ch.nj, sm.p() + warp * 16 * C::LDP,
+                                                   C::LDP, sm.u0(), C::LDO, n);
+  }
+
+  // out(r, c0 + c) = value(accumulator, r) for this warp's elements in rows r < rows and columns
+  // c < oc; out starts at the block's first row.
+  template <class T, class F>
+  __device__ void store(const OutChunk<P>& ch, const FragMap<P>& map, int rows, const Mat<T>& out,
+                        F value) const {
+    const int warp = threadIdx.x / 32;
+    const Mat<T> o = out.at(0, ch.c0);
+    for (int j = 0; j < C::OC / 16; ++j) {
+      if (j >= ch.nj) break;
+      for (int i = 0; i < Acc::num_elements; ++i) {
+        const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
+        if (r < rows && c < ch.oc) o(r, c) = from_float<T>(value(frag[j].x[i], r));
+      }
+    }
+  }
+};
+
 // --- forward ------------------------------------------------------------------------------------
 
 // grid: (row tiles * B, output chunks of dv). Writes y[:, rows, chunk] and (chunk 0) lse.
@@ -316,45 +440,29 @@ template <class P, class T>
 __global__ void __launch_bounds__(128) softmax_fwd_kernel(NonlocalSoftmaxParams p, int row_tiles) {
   using C = Cfg<P>;
   using In = typename P::In;
-  using Acc = typename P::Acc;
-  EMU_DYNAMIC_SMEM(unsigned char, smem);
-  const Smem<P> sm{smem};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x / row_tiles;
-  const int64_t row0 = int64_t(blockIdx.x % row_tiles) * C::BM;
-  const int rows = imin<int64_t>(C::BM, p.N - row0);
-  const int64_t c0 = int64_t(blockIdx.y) * C::OC;
-  const int oc = imin<int64_t>(C::OC, p.dv - c0);
-  const int nj = (oc + 15) / 16;
-  const T* theta = static_cast<const T*>(p.theta) + b * p.theta_stride[0] + row0 * p.theta_stride[1];
-  const T* phi = static_cast<const T*>(p.phi) + b * p.phi_stride[0];
-  const T* g = static_cast<const T*>(p.g) + b * p.g_stride[0] + c0 * p.g_stride[2];
-  float* m_s = sm.v(0);
-  float* l_s = sm.v(1);
-  float* alpha_s = sm.v(2);
-  float* lr_s = sm.v(3);  // sum of the P values as rounded for the P g product
-  float* S = sm.s();
-  In* Pt = sm.p();
+  const Block<P, T> blk(p, row_tiles, p.N, C::BM);  // a tile of query rows
+  const Mat<const T> theta = blk.theta.at(blk.row0, 0);
+  float* m_s = blk.sm.v(0);
+  float* l_s = blk.sm.v(1);
+  float* alpha_s = blk.sm.v(2);
+  float* lr_s = blk.sm.v(3);  // sum of the P values as rounded for the P g product
+  float* S = blk.sm.s();
+  In* Pt = blk.sm.p();
 
-  FragMap<P> map;
-  discover_layout<P>(map, S);
+  const FragMap<P> map = discover_layout<P>(S);
   for (int r = threadIdx.x; r < C::BM; r += C::THREADS) {
     m_s[r] = -INFINITY;
     l_s[r] = 0.f;
     lr_s[r] = 0.f;
   }
-  Acc acc[C::OC / 16];
-  for (int j = 0; j < C::OC / 16; ++j) P::zero(acc[j]);
+  const OutChunk<P> ch(blockIdx.y, p.dv);  // a chunk of y's columns
+  ChunkAcc<P> acc;
 
   for (int64_t key0 = 0; key0 < p.M; key0 += C::BN) {
     const int keys = imin<int64_t>(C::BN, p.M - key0);
-    Acc s[4];
-    tile_scores<P, T>(s, sm, theta, p.theta_stride, rows, phi + key0 * p.phi_stride[1],
-                      p.phi_stride, keys, p.dk);
-    for (int j = 0; j < 4; ++j) P::store(S + warp * 16 * C::LDS + j * 16, s[j], C::LDS);
-    __syncwarp();
+    scores_to_smem<P, T>(blk.sm, theta, blk.rows, blk.phi.at(key0, 0), keys, p.dk);
     {  // Online softmax of this warp's rows: two lanes per row, 32 columns each.
-      const int r = warp * 16 + lane / 2, h = lane & 1;
+      const int r = blk.warp * 16 + blk.lane / 2, h = blk.lane & 1;
       const float* srow = S + r * C::LDS + h * 32;
       float mx = -INFINITY;
       for (int c = 0; c < 32; ++c)
@@ -386,29 +494,15 @@ __global__ void __launch_bounds__(128) softmax_fwd_kernel(NonlocalSoftmaxParams 
       }
     }
     __syncwarp();
-    for (int j = 0; j < C::OC / 16; ++j) {
-      if (j >= nj) break;
-      for (int i = 0; i < Acc::num_elements; ++i) acc[j].x[i] *= alpha_s[warp * 16 + map.row(i)];
-    }
-    __syncthreads();  // every warp is done with the score chunks in the shared region
-    load_tile<64, C::OC, C::THREADS>(sm.u0(), C::LDO, g + key0 * p.g_stride[1], p.g_stride[1],
-                                     p.g_stride[2], keys, oc);
-    __syncthreads();
-    warp_gemm<P, wmma::row_major, wmma::row_major>(acc, nj, Pt + warp * 16 * C::LDP, C::LDP,
-                                                   sm.u0(), C::LDO, keys);
+    acc.scale_rows(ch, map, alpha_s);
+    acc.add_product(ch, blk.sm, blk.g.at(key0, 0), keys);
   }
 
-  T* y = static_cast<T*>(p.y) + b * p.y_stride[0] + row0 * p.y_stride[1] + c0 * p.y_stride[2];
-  for (int j = 0; j < C::OC / 16; ++j) {
-    if (j >= nj) break;
-    for (int i = 0; i < Acc::num_elements; ++i) {
-      const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
-      if (r < rows && c < oc) y[r * p.y_stride[1] + c * p.y_stride[2]] = from_float<T>(acc[j].x[i] / lr_s[r]);
-    }
-  }
+  acc.store(ch, map, blk.rows, Mat<T>(p.y, p.y_stride, blk.b).at(blk.row0, 0),
+            [lr_s](float a, int r) { return a / lr_s[r]; });
   if (blockIdx.y == 0) {
-    float* lse = static_cast<float*>(p.lse) + b * p.lse_stride[0] + row0 * p.lse_stride[1];
-    for (int r = threadIdx.x; r < rows; r += C::THREADS)
+    float* lse = static_cast<float*>(p.lse) + blk.b * p.lse_stride[0] + blk.row0 * p.lse_stride[1];
+    for (int r = threadIdx.x; r < blk.rows; r += C::THREADS)
       lse[r * p.lse_stride[1]] = m_s[r] + logf(l_s[r]);
   }
 }
@@ -428,6 +522,44 @@ struct BwdWorkspace {
   __device__ BwdWorkspace(const NonlocalSoftmaxParams& p)
       : D(static_cast<float*>(p.workspace)), m(D + p.B * p.N), inv_l(m + p.B * p.N) {}
 };
+
+// m, 1 / l and D (BwdWorkspace) of a tile of 64 query rows, in shared memory.
+template <class P>
+struct RowStats {
+  float* m;
+  float* D;
+  float* inv_l;
+  __device__ explicit RowStats(const Smem<P>& sm) : m(sm.v(0)), D(sm.v(1)), inv_l(sm.v(2)) {}
+  // Those of rows q0.. of batch element b, zero past `rows`. Each thread fills some entries: a
+  // barrier must come before they are read.
+  __device__ void load(const NonlocalSoftmaxParams& p, int64_t b, int64_t q0, int rows) const {
+    const BwdWorkspace ws(p);
+    const int64_t o = b * p.N + q0;
+    for (int r = threadIdx.x; r < Cfg<P>::BM; r += Cfg<P>::THREADS) {
+      m[r] = r < rows ? ws.m[o + r] : 0.f;
+      inv_l[r] = r < rows ? ws.inv_l[o + r] : 0.f;
+      D[r] = r < rows ? ws.D[o + r] : 0.f;
+    }
+  }
+};
+
+// dS = P * (dP - D) of this warp's 16 rows, rounded to In into the tile sm.p(): P from the fp32
+// tile sm.s(), dP in tile_scores' accumulators dp, D by row, or by column for dS^T (D_BY_COL).
+template <bool D_BY_COL, class P>
+__device__ void store_ds(const Smem<P>& sm, const FragMap<P>& map, const typename P::Acc (&dp)[4],
+                         const float* D) {
+  using C = Cfg<P>;
+  const int warp = threadIdx.x / 32;
+  const float* S = sm.s();
+  typename P::In* dS = sm.p();
+  for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < P::Acc::num_elements; ++i) {
+      const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
+      dS[r * C::LDP + c] =
+          from_float<typename P::In>(S[r * C::LDS + c] * (dp[j].x[i] - D[D_BY_COL ? c : r]));
+    }
+  }
+}
 
 // D[b, i] = sum_c dy[b, i, c] * y[b, i, c]: one warp per row.
 template <class T>
@@ -449,26 +581,15 @@ __global__ void __launch_bounds__(128) softmax_bwd_prep_kernel(NonlocalSoftmaxPa
 template <class P, class T>
 __global__ void __launch_bounds__(128) softmax_bwd_stats_kernel(NonlocalSoftmaxParams p, int row_tiles) {
   using C = Cfg<P>;
-  using Acc = typename P::Acc;
-  EMU_DYNAMIC_SMEM(unsigned char, smem);
-  const Smem<P> sm{smem};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x / row_tiles;
-  const int64_t row0 = int64_t(blockIdx.x % row_tiles) * C::BM;
-  const int rows = imin<int64_t>(C::BM, p.N - row0);
-  const T* theta = static_cast<const T*>(p.theta) + b * p.theta_stride[0] + row0 * p.theta_stride[1];
-  const T* phi = static_cast<const T*>(p.phi) + b * p.phi_stride[0];
-  float* S = sm.s();
+  const Block<P, T> blk(p, row_tiles, p.N, C::BM);  // a tile of query rows
+  const Mat<const T> theta = blk.theta.at(blk.row0, 0);
+  const float* S = blk.sm.s();
   // Two lanes per row keep (m, l) of their 32 columns in registers; merged at the end.
-  const int r = warp * 16 + lane / 2, h = lane & 1;
+  const int r = blk.warp * 16 + blk.lane / 2, h = blk.lane & 1;
   float m = -INFINITY, l = 0.f;
   for (int64_t key0 = 0; key0 < p.M; key0 += C::BN) {
     const int keys = imin<int64_t>(C::BN, p.M - key0);
-    Acc s[4];
-    tile_scores<P, T>(s, sm, theta, p.theta_stride, rows, phi + key0 * p.phi_stride[1],
-                      p.phi_stride, keys, p.dk);
-    for (int j = 0; j < 4; ++j) P::store(S + warp * 16 * C::LDS + j * 16, s[j], C::LDS);
-    __syncwarp();
+    scores_to_smem<P, T>(blk.sm, theta, blk.rows, blk.phi.at(key0, 0), keys, p.dk);
     const float* srow = S + r * C::LDS + h * 32;
     float mx = -INFINITY;
     for (int c = 0; c < 32; ++c)
@@ -484,10 +605,10 @@ __global__ void __launch_bounds__(128) softmax_bwd_stats_kernel(NonlocalSoftmaxP
   const float l_other = __shfl_xor_sync(kFull, l, 1);
   const float m_row = fmaxf(m, m_other);
   const float l_row = l * expf(m - m_row) + l_other * expf(m_other - m_row);
-  if (h == 0 && r < rows) {
+  if (h == 0 && r < blk.rows) {
     BwdWorkspace ws(p);
-    ws.m[b * p.N + row0 + r] = m_row;
-    ws.inv_l[b * p.N + row0 + r] = 1.f / l_row;
+    ws.m[blk.b * p.N + blk.row0 + r] = m_row;
+    ws.inv_l[blk.b * p.N + blk.row0 + r] = 1.f / l_row;
   }
 }
 
@@ -496,82 +617,37 @@ __global__ void __launch_bounds__(128) softmax_bwd_stats_kernel(NonlocalSoftmaxP
 template <class P, class T>
 __global__ void __launch_bounds__(128) softmax_bwd_dq_kernel(NonlocalSoftmaxParams p, int row_tiles) {
   using C = Cfg<P>;
-  using In = typename P::In;
-  using Acc = typename P::Acc;
-  EMU_DYNAMIC_SMEM(unsigned char, smem);
-  const Smem<P> sm{smem};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x / row_tiles;
-  const int64_t row0 = int64_t(blockIdx.x % row_tiles) * C::BM;
-  const int rows = imin<int64_t>(C::BM, p.N - row0);
-  const int64_t c0 = int64_t(blockIdx.y) * C::OC;
-  const int oc = imin<int64_t>(C::OC, p.dk - c0);
-  const int nj = (oc + 15) / 16;
-  const T* theta = static_cast<const T*>(p.theta) + b * p.theta_stride[0] + row0 * p.theta_stride[1];
-  const T* phi = static_cast<const T*>(p.phi) + b * p.phi_stride[0];
-  const T* g = static_cast<const T*>(p.g) + b * p.g_stride[0];
-  const T* dy = static_cast<const T*>(p.dy) + b * p.dy_stride[0] + row0 * p.dy_stride[1];
-  float* m_s = sm.v(0);
-  float* D_s = sm.v(1);
-  float* il_s = sm.v(2);
-  float* S = sm.s();
-  In* dS = sm.p();
+  const Block<P, T> blk(p, row_tiles, p.N, C::BM);  // a tile of query rows
+  const Mat<const T> theta = blk.theta.at(blk.row0, 0);
+  const Mat<const T> dy = Mat<const T>(p.dy, p.dy_stride, blk.b).at(blk.row0, 0);
+  const RowStats<P> st(blk.sm);
+  float* S = blk.sm.s();
 
-  FragMap<P> map;
-  discover_layout<P>(map, S);
-  {
-    const BwdWorkspace ws(p);
-    const int64_t o = b * p.N + row0;
-    for (int r = threadIdx.x; r < C::BM; r += C::THREADS) {
-      m_s[r] = r < rows ? ws.m[o + r] : 0.f;
-      il_s[r] = r < rows ? ws.inv_l[o + r] : 0.f;
-      D_s[r] = r < rows ? ws.D[o + r] : 0.f;
-    }
-  }
+  const FragMap<P> map = discover_layout<P>(S);
+  st.load(p, blk.b, blk.row0, blk.rows);
   __syncthreads();  // (tile_scores' first barrier would do for dk >= 1)
-  Acc acc[C::OC / 16];
-  for (int j = 0; j < C::OC / 16; ++j) P::zero(acc[j]);
+  const OutChunk<P> ch(blockIdx.y, p.dk);  // a chunk of dtheta's columns
+  ChunkAcc<P> acc;
 
   for (int64_t key0 = 0; key0 < p.M; key0 += C::BN) {
     const int keys = imin<int64_t>(C::BN, p.M - key0);
-    Acc t[4];
-    tile_scores<P, T>(t, sm, theta, p.theta_stride, rows, phi + key0 * p.phi_stride[1],
-                      p.phi_stride, keys, p.dk);
-    for (int j = 0; j < 4; ++j) P::store(S + warp * 16 * C::LDS + j * 16, t[j], C::LDS);
-    __syncwarp();
+    scores_to_smem<P, T>(blk.sm, theta, blk.rows, blk.phi.at(key0, 0), keys, p.dk);
     {  // P = exp(scale S - m) / l in place (fp32), this warp's rows, two lanes per row.
-      const int r = warp * 16 + lane / 2, h = lane & 1;
+      const int r = blk.warp * 16 + blk.lane / 2, h = blk.lane & 1;
       float* srow = S + r * C::LDS + h * 32;
       for (int c = 0; c < 32; ++c)
-        srow[c] = h * 32 + c < keys ? expf(fmaf(srow[c], p.scale, -m_s[r])) * il_s[r] : 0.f;
+        srow[c] = h * 32 + c < keys ? expf(fmaf(srow[c], p.scale, -st.m[r])) * st.inv_l[r] : 0.f;
     }
-    // dP = dy g^T over dv.
-    tile_scores<P, T>(t, sm, dy, p.dy_stride, rows, g + key0 * p.g_stride[1], p.g_stride, keys,
-                      p.dv);
-    for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < Acc::num_elements; ++i) {
-        const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
-        dS[r * C::LDP + c] = from_float<In>(S[r * C::LDS + c] * (t[j].x[i] - D_s[r]));
-      }
-    }
-    __syncthreads();  // dS is written; every warp is done with the dP chunks in the shared region
-    load_tile<64, C::OC, C::THREADS>(sm.u0(), C::LDO, phi + key0 * p.phi_stride[1] + c0 * p.phi_stride[2],
-                                     p.phi_stride[1], p.phi_stride[2], keys, oc);
-    __syncthreads();
-    warp_gemm<P, wmma::row_major, wmma::row_major>(acc, nj, dS + warp * 16 * C::LDP, C::LDP,
-                                                   sm.u0(), C::LDO, keys);
+    // dP = dy g^T over dv, then dS.
+    typename P::Acc dp[4];
+    tile_scores<P, T>(dp, blk.sm, dy, blk.rows, blk.g.at(key0, 0), keys, p.dv);
+    store_ds<false>(blk.sm, map, dp, st.D);
+    acc.add_product(ch, blk.sm, blk.phi.at(key0, 0), keys);
   }
 
-  T* dtheta = static_cast<T*>(p.dtheta) + b * p.dtheta_stride[0] + row0 * p.dtheta_stride[1] +
-              c0 * p.dtheta_stride[2];
-  for (int j = 0; j < C::OC / 16; ++j) {
-    if (j >= nj) break;
-    for (int i = 0; i < Acc::num_elements; ++i) {
-      const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
-      if (r < rows && c < oc)
-        dtheta[r * p.dtheta_stride[1] + c * p.dtheta_stride[2]] = from_float<T>(acc[j].x[i] * p.scale);
-    }
-  }
+  const float scale = p.scale;
+  acc.store(ch, map, blk.rows, Mat<T>(p.dtheta, p.dtheta_stride, blk.b).at(blk.row0, 0),
+            [scale](float a, int) { return a * scale; });
 }
 
 // dg and dphi. grid: (key tiles * B, dv chunks of dg + dk chunks of dphi). A block owns 64 keys
@@ -583,110 +659,53 @@ __global__ void __launch_bounds__(128) softmax_bwd_dkv_kernel(NonlocalSoftmaxPar
                                                               int dg_chunks) {
   using C = Cfg<P>;
   using In = typename P::In;
-  using Acc = typename P::Acc;
-  EMU_DYNAMIC_SMEM(unsigned char, smem);
-  const Smem<P> sm{smem};
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x / key_tiles;
-  const int64_t key0 = int64_t(blockIdx.x % key_tiles) * C::BN;
-  const int keys = imin<int64_t>(C::BN, p.M - key0);
+  const Block<P, T> blk(p, key_tiles, p.M, C::BN);  // a tile of key rows
+  const int64_t key0 = blk.row0;
+  const int keys = blk.rows;
+  const Mat<const T> phi = blk.phi.at(key0, 0), g = blk.g.at(key0, 0);
+  const Mat<const T> dy(p.dy, p.dy_stride, blk.b);
   const bool is_dg = int(blockIdx.y) < dg_chunks;
-  const int64_t c0 = int64_t(is_dg ? blockIdx.y : blockIdx.y - dg_chunks) * C::OC;
-  const int oc = imin<int64_t>(C::OC, (is_dg ? p.dv : p.dk) - c0);
-  const int nj = (oc + 15) / 16;
-  const T* theta = static_cast<const T*>(p.theta) + b * p.theta_stride[0];
-  const T* phi = static_cast<const T*>(p.phi) + b * p.phi_stride[0] + key0 * p.phi_stride[1];
-  const T* g = static_cast<const T*>(p.g) + b * p.g_stride[0] + key0 * p.g_stride[1];
-  const T* dy = static_cast<const T*>(p.dy) + b * p.dy_stride[0];
-  float* m_s = sm.v(0);
-  float* D_s = sm.v(1);
-  float* il_s = sm.v(2);
-  float* St = sm.s();  // P^T (keys x queries), fp32
-  In* Op = sm.p();     // P^T or dS^T as an operand
+  const RowStats<P> st(blk.sm);
+  float* St = blk.sm.s();  // P^T (keys x queries), fp32
+  In* Op = blk.sm.p();     // P^T or dS^T as an operand
 
-  FragMap<P> map;
-  discover_layout<P>(map, St);
-  Acc acc[C::OC / 16];
-  for (int j = 0; j < C::OC / 16; ++j) P::zero(acc[j]);
+  const FragMap<P> map = discover_layout<P>(St);
+  // A chunk of dg's or of dphi's columns.
+  const OutChunk<P> ch(is_dg ? blockIdx.y : blockIdx.y - dg_chunks, is_dg ? p.dv : p.dk);
+  ChunkAcc<P> acc;
 
   for (int64_t q0 = 0; q0 < p.N; q0 += C::BM) {
     const int rows = imin<int64_t>(C::BM, p.N - q0);
-    {
-      // No barrier needed before overwriting the row vectors: every read of them in the previous
-      // tile precedes that tile's last __syncthreads().
-      const BwdWorkspace ws(p);
-      const int64_t o = b * p.N + q0;
-      for (int r = threadIdx.x; r < C::BM; r += C::THREADS) {
-        m_s[r] = r < rows ? ws.m[o + r] : 0.f;
-        il_s[r] = r < rows ? ws.inv_l[o + r] : 0.f;
-        D_s[r] = r < rows ? ws.D[o + r] : 0.f;
-      }
-      __syncthreads();
-    }
-    Acc t[4];
-    tile_scores<P, T>(t, sm, phi, p.phi_stride, keys, theta + q0 * p.theta_stride[1],
-                      p.theta_stride, rows, p.dk);
-    for (int j = 0; j < 4; ++j) P::store(St + warp * 16 * C::LDS + j * 16, t[j], C::LDS);
-    __syncwarp();
+    // No barrier needed before overwriting the row vectors: every read of them in the previous
+    // tile precedes that tile's last __syncthreads().
+    st.load(p, blk.b, q0, rows);
+    __syncthreads();
+    scores_to_smem<P, T>(blk.sm, phi, keys, blk.theta.at(q0, 0), rows, p.dk);
     {  // P^T in place, this warp's key rows, two lanes per row; queries >= rows are zero.
-      const int r = warp * 16 + lane / 2, h = lane & 1;
+      const int r = blk.warp * 16 + blk.lane / 2, h = blk.lane & 1;
       float* srow = St + r * C::LDS + h * 32;
       In* orow = Op + r * C::LDP + h * 32;
       for (int c = 0; c < 32; ++c) {
         const int q = h * 32 + c;
-        const float pv = q < rows ? expf(fmaf(srow[c], p.scale, -m_s[q])) * il_s[q] : 0.f;
+        const float pv = q < rows ? expf(fmaf(srow[c], p.scale, -st.m[q])) * st.inv_l[q] : 0.f;
         srow[c] = pv;
         if (is_dg) orow[c] = from_float<In>(pv);
       }
     }
     if (is_dg) {
-      __syncthreads();  // every warp is done with the score chunks in the shared region
-      load_tile<64, C::OC, C::THREADS>(sm.u0(), C::LDO, dy + q0 * p.dy_stride[1] + c0 * p.dy_stride[2],
-                                       p.dy_stride[1], p.dy_stride[2], rows, oc);
-      __syncthreads();
-      warp_gemm<P, wmma::row_major, wmma::row_major>(acc, nj, Op + warp * 16 * C::LDP, C::LDP,
-                                                     sm.u0(), C::LDO, rows);
+      acc.add_product(ch, blk.sm, dy.at(q0, 0), rows);
     } else {
-      // dP^T = g dy^T over dv.
-      tile_scores<P, T>(t, sm, g, p.g_stride, keys, dy + q0 * p.dy_stride[1], p.dy_stride,
-                        rows, p.dv);
-      for (int j = 0; j < 4; ++j) {
-        for (int i = 0; i < Acc::num_elements; ++i) {
-          const int r = warp * 16 + map.row(i), q = j * 16 + map.col(i);
-          Op[r * C::LDP + q] = from_float<In>(St[r * C::LDS + q] * (t[j].x[i] - D_s[q]));
-        }
-      }
-      __syncthreads();  // dS^T is written; every warp is done with the dP chunks in the shared region
-      load_tile<64, C::OC, C::THREADS>(sm.u0(), C::LDO,
-                                       theta + q0 * p.theta_stride[1] + c0 * p.theta_stride[2],
-                                       p.theta_stride[1], p.theta_stride[2], rows, oc);
-      __syncthreads();
-      warp_gemm<P, wmma::row_major, wmma::row_major>(acc, nj, Op + warp * 16 * C::LDP, C::LDP,
-                                                     sm.u0(), C::LDO, rows);
+      // dP^T = g dy^T over dv, then dS^T.
+      typename P::Acc dpt[4];
+      tile_scores<P, T>(dpt, blk.sm, g, keys, dy.at(q0, 0), rows, p.dv);
+      store_ds<true>(blk.sm, map, dpt, st.D);
+      acc.add_product(ch, blk.sm, blk.theta.at(q0, 0), rows);
     }
   }
 
-  T* out;
-  int64_t os1, os2;
-  float mul;
-  if (is_dg) {
-    out = static_cast<T*>(p.dg) + b * p.dg_stride[0] + key0 * p.dg_stride[1] + c0 * p.dg_stride[2];
-    os1 = p.dg_stride[1];
-    os2 = p.dg_stride[2];
-    mul = 1.f;
-  } else {
-    out = static_cast<T*>(p.dphi) + b * p.dphi_stride[0] + key0 * p.dphi_stride[1] + c0 * p.dphi_stride[2];
-    os1 = p.dphi_stride[1];
-    os2 = p.dphi_stride[2];
-    mul = p.scale;
-  }
-  for (int j = 0; j < C::OC / 16; ++j) {
-    if (j >= nj) break;
-    for (int i = 0; i < Acc::num_elements; ++i) {
-      const int r = warp * 16 + map.row(i), c = j * 16 + map.col(i);
-      if (r < keys && c < oc) out[r * os1 + c * os2] = from_float<T>(acc[j].x[i] * mul);
-    }
-  }
+  const Mat<T> out(is_dg ? p.dg : p.dphi, is_dg ? p.dg_stride : p.dphi_stride, blk.b);
+  const float mul = is_dg ? 1.f : p.scale;
+  acc.store(ch, map, keys, out.at(key0, 0), [mul](float a, int) { return a * mul; });
 }
 
 // --- launchers ----------------------------------------------------------------------------------

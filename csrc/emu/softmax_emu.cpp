@@ -17,29 +17,21 @@
 namespace nonlocal_kernels {
 namespace {
 
-const SoftmaxKernels& kernels() {
-  static const SoftmaxKernels k = NLK_SOFTMAX_KERNELS(emu_kernels);
-  return k;
-}
-
-void check_cpu(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got device ",
-              t.device());
-}
+constexpr SoftmaxKernels kKernels = NLK_SOFTMAX_KERNELS(emu_kernels);
 
 std::tuple<at::Tensor, at::Tensor> softmax_fwd_emu(const at::Tensor& theta, const at::Tensor& phi,
                                                    const at::Tensor& g, double scale) {
   const char* op = "nonlocal_kernels_emu::softmax_fwd (emulated CUDA)";
-  check_cpu(theta, "theta", op);
-  return cuda_softmax_fwd(kernels(), theta, phi, g, scale, nullptr, op);
+  check_device_type(theta, at::kCPU, "theta", op);
+  return cuda_softmax_fwd(kKernels, theta, phi, g, scale, nullptr, op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_emu(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
     const at::Tensor& y, const at::Tensor& lse, double scale) {
   const char* op = "nonlocal_kernels_emu::softmax_bwd (emulated CUDA)";
-  check_cpu(theta, "theta", op);
-  return cuda_softmax_bwd(kernels(), dy, theta, phi, g, y, lse, scale, nullptr, op);
+  check_device_type(theta, at::kCPU, "theta", op);
+  return cuda_softmax_bwd(kKernels, dy, theta, phi, g, y, lse, scale, nullptr, op);
 }
 
 void set_run_order(const std::string& order) {

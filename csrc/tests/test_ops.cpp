@@ -9,17 +9,7 @@
 #include <string>
 #include <tuple>
 
-static int failures = 0;
-
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                   \
-      std::fprintf(stderr, "\n");                          \
-      ++failures;                                          \
-    }                                                      \
-  } while (0)
+#include "tests/expect.h"
 
 static void check_schema(const char* name, size_t n_args, size_t n_returns) {
   auto op = c10::Dispatcher::singleton().findSchema({name, ""});
@@ -94,10 +84,5 @@ int main() {
   check_schema("nonlocal_kernels::softmax_bwd", 7, 3);
   check_cpu_forward_if_registered();
   check_cpu_backward_if_registered();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all C++ op checks passed\n");
-  return 0;
+  return nlk_test::summary();
 }

@@ -2,6 +2,7 @@
 // Correct kernels must give the right answer under every run order; planted bugs must be caught,
 // either as a wrong result under some run order or as an emulator error naming file and line.
 #include "emu/cuda_emu.h"
+#include "tests/expect.h"
 
 #include <cmath>
 #include <cstdio>
@@ -11,20 +12,6 @@
 #include <vector>
 
 using namespace nvcuda;
-
-static int failures = 0;
-static int checks = 0;
-
-#define EXPECT(cond, ...)                                            \
-  do {                                                               \
-    ++checks;                                                        \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-      std::fprintf(stderr, __VA_ARGS__);                             \
-      std::fprintf(stderr, "\n");                                    \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
 
 static const char* kOrders[] = {"forward", "reverse", "random:1", "random:2"};
 
@@ -443,6 +430,5 @@ int main() {
   test_barrier_errors();
   test_warp_ops();
   test_dynamic_smem_and_orders();
-  std::printf("%d checks, %d failures\n", checks, failures);
-  return failures ? 1 : 0;
+  return nlk_test::summary();
 }

@@ -16,10 +16,9 @@
 #include "cuda/softmax_f16.cu"
 #include "cuda/softmax_f32.cu"
 #include "cuda/softmax_tf32.cu"
+#include "tests/expect.h"
 
 namespace ek = nonlocal_kernels::emu_kernels;
-
-static int failures = 0, checks = 0;
 
 template <class T> T cvt(float v);
 template <> float cvt<float>(float v) { return v; }
@@ -99,12 +98,8 @@ static void run_case(const char* kind, LaunchFn fwd, LaunchFn bwd, double tol, c
                      std::to_string(c.dv) + " order " + order;
   const char* err = fwd(p, nullptr);
   if (!err) err = bwd(p, nullptr);
-  ++checks;
-  if (err) {
-    std::fprintf(stderr, "FAIL %s: kernel error: %s\n", what.c_str(), err);
-    ++failures;
-    return;
-  }
+  EXPECT(err == nullptr, "%s: kernel error: %s", what.c_str(), err);
+  if (err) return;
 
   // float64 reference on the inputs as stored.
   double e_y = 0, m_y = 0, e_l = 0, m_l = 0, e_t = 0, m_t = 0, e_p = 0, m_p = 0, e_g = 0, m_g = 0;
@@ -159,14 +154,9 @@ static void run_case(const char* kind, LaunchFn fwd, LaunchFn bwd, double tol, c
   }
   const double errs[5][2] = {{e_y, m_y}, {e_l, m_l}, {e_t, m_t}, {e_p, m_p}, {e_g, m_g}};
   const char* names[5] = {"y", "lse", "dtheta", "dphi", "dg"};
-  for (int k = 0; k < 5; ++k) {
-    ++checks;
-    if (!(errs[k][0] <= tol * errs[k][1])) {
-      std::fprintf(stderr, "FAIL %s: %s max error %.3g > %.3g * max %.3g\n", what.c_str(), names[k],
-                   errs[k][0], tol, errs[k][1]);
-      ++failures;
-    }
-  }
+  for (int k = 0; k < 5; ++k)
+    EXPECT(errs[k][0] <= tol * errs[k][1], "%s: %s max error %.3g > %.3g * max %.3g", what.c_str(),
+           names[k], errs[k][0], tol, errs[k][1]);
 }
 
 int main() {
@@ -192,6 +182,5 @@ int main() {
       run_case<__nv_bfloat16>("bf16", ek::softmax_fwd_bf16, ek::softmax_bwd_bf16, 5e-2, c, order, rng);
     }
   }
-  std::printf("%d checks, %d failures\n", checks, failures);
-  return failures ? 1 : 0;
+  return nlk_test::summary();
 }

@@ -55,38 +55,60 @@ def _store_tile(base, val, rows, cols, s_row, s_col, n_rows, n_cols):
 
 
 @triton.jit
-def _scores(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, a_hold, DK,
-            BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-            NUM_K: tl.constexpr, IEEE: tl.constexpr):
-    """a[a_rows, :] . b[b_rows, :]^T over the dk columns -> (BLOCK_A, BLOCK_B) float32.
+def _rows_dot(a_base, s_an, s_ak, a_rows, n_a, a_hold, b_base, s_bn, s_bk, b_rows, n_b, b_hold,
+              K, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+              NUM_K: tl.constexpr, HOLD_A: tl.constexpr, HOLD_B: tl.constexpr,
+              IEEE: tl.constexpr):
+    """a[a_rows, :] . b[b_rows, :]^T over the K columns -> (BLOCK_A, BLOCK_B) float32, in
+    NUM_K = cdiv(K, BLOCK_K) chunks (S over dk, dP over dv).
 
-    With NUM_K == 1, ``a_hold`` is the a tile already loaded by the caller."""
+    With NUM_K == 1, ``a_hold`` (HOLD_A) and ``b_hold`` (HOLD_B) are tiles the caller has
+    already loaded; a tile not held is loaded here (and the ``*_hold`` argument is unused)."""
     offs_k = tl.arange(0, BLOCK_K)
     if NUM_K == 1:
-        bt = _load_tile(b_base, b_rows, offs_k, s_bn, s_bk, n_b, DK)
-        s = _dot(a_hold, tl.trans(bt), tl.zeros([BLOCK_A, BLOCK_B], tl.float32), IEEE)
+        at = a_hold
+        bt = b_hold
+        if not HOLD_A:
+            at = _load_tile(a_base, a_rows, offs_k, s_an, s_ak, n_a, K)
+        if not HOLD_B:
+            bt = _load_tile(b_base, b_rows, offs_k, s_bn, s_bk, n_b, K)
+        s = _dot(at, tl.trans(bt), tl.zeros([BLOCK_A, BLOCK_B], tl.float32), IEEE)
     else:
         s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        for k0 in range(0, DK, BLOCK_K):
-            at = _load_tile(a_base, a_rows, k0 + offs_k, s_an, s_ak, n_a, DK)
-            bt = _load_tile(b_base, b_rows, k0 + offs_k, s_bn, s_bk, n_b, DK)
+        for k0 in range(0, K, BLOCK_K):
+            at = _load_tile(a_base, a_rows, k0 + offs_k, s_an, s_ak, n_a, K)
+            bt = _load_tile(b_base, b_rows, k0 + offs_k, s_bn, s_bk, n_b, K)
             s = _dot(at, tl.trans(bt), s, IEEE)
     return s
 
 
 @triton.jit
-def _scores_hold_b(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, b_hold, DK,
-                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_K: tl.constexpr, IEEE: tl.constexpr):
-    """As _scores, but with NUM_K == 1 it is the b tile (``b_hold``) that the caller holds."""
-    offs_k = tl.arange(0, BLOCK_K)
-    if NUM_K == 1:
-        at = _load_tile(a_base, a_rows, offs_k, s_an, s_ak, n_a, DK)
-        s = _dot(at, tl.trans(b_hold), tl.zeros([BLOCK_A, BLOCK_B], tl.float32), IEEE)
-    else:
-        s = _scores(a_base, s_an, s_ak, a_rows, n_a, b_base, s_bn, s_bk, b_rows, n_b, a_base,
-                    DK, BLOCK_A, BLOCK_B, BLOCK_K, NUM_K, IEEE)
-    return s
+def _tile(n, BLOCK: tl.constexpr):
+    """(batch element, rows) of this program's tile: program_id(0) walks the cdiv(n, BLOCK)
+    tiles of batch element 0, then those of batch element 1, ..."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n, BLOCK)
+    b = (pid // n_tiles).to(tl.int64)
+    return b, (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _lse2_and_d(lse_b, s_ln, dd_b, rows, ok):
+    """lse * log2(e) and D of one batch element's rows; rows where ``ok`` is false (past N)
+    get lse = +inf (so P = exp2(S * qk_scale - lse2) = 0) and D = 0."""
+    lse2 = tl.load(lse_b + rows.to(tl.int64) * s_ln, mask=ok,
+                   other=float("inf")) * 1.4426950408889634
+    return lse2, tl.load(dd_b + rows.to(tl.int64), mask=ok, other=0.0)
+
+
+@triton.jit
+def _hold(base, rows, n_rows, s_row, s_col, n_cols, BLOCK_C: tl.constexpr, NUM_C: tl.constexpr):
+    """base[rows, :n_cols] when it fits one chunk of columns (NUM_C == 1): a tile a program
+    loads once and holds across its loop; else ``base`` as a placeholder (loaded by chunks)."""
+    t = base
+    if NUM_C == 1:
+        t = _load_tile(base, rows, tl.arange(0, BLOCK_C), s_row, s_col, n_rows, n_cols)
+    return t
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,28 +121,23 @@ def softmax_fwd_kernel(
         N, M, DK, DV, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
+    b, offs_m = _tile(N, BLOCK_M)
     part = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    b = (pid // n_tiles).to(tl.int64)
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_v = part * BLOCK_V + tl.arange(0, BLOCK_V)
     th = TH + b * s_tb
     ph = PH + b * s_pb
     gg = G + b * s_gb
 
-    q = th  # placeholder when the theta tile is not held
-    if NUM_K == 1:
-        q = _load_tile(th, offs_m, tl.arange(0, BLOCK_K), s_tn, s_tk, N, DK)
+    q = _hold(th, offs_m, N, s_tn, s_tk, DK, BLOCK_K, NUM_K)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + offs_n0
-        s = _scores(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M, q, DK,
-                    BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE)
+        s = _rows_dot(th, s_tn, s_tk, offs_m, N, q, ph, s_pm, s_pk, offs_n, M, ph, DK,
+                      BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, True, False, IEEE)
         s = tl.where((offs_n < M)[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -146,10 +163,7 @@ def softmax_bwd_pre_kernel(
         s_db, s_dn, s_dv, s_yb, s_yn, s_yv,
         N, DV,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    b = (pid // n_tiles).to(tl.int64)
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, offs_m = _tile(N, BLOCK_M)
     offs_v = tl.arange(0, BLOCK_V)
     acc = tl.zeros([BLOCK_M], tl.float32)
     for v0 in range(0, DV, BLOCK_V):
@@ -157,22 +171,6 @@ def softmax_bwd_pre_kernel(
         o = _load_tile(Y + b * s_yb, offs_m, v0 + offs_v, s_yn, s_yv, N, DV)
         acc += tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(Dd + b * N + offs_m.to(tl.int64), acc, mask=offs_m < N)
-
-
-@triton.jit
-def _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv, N, M, DV,
-          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-          NUM_V: tl.constexpr, IEEE: tl.constexpr):
-    """dP^T (BLOCK_N, BLOCK_M) = g[offs_n] dy[offs_m]^T over all of dv."""
-    if NUM_V == 1:
-        dpt = _dot(v_hold, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE)
-    else:
-        dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for v0 in range(0, DV, BLOCK_V):
-            vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
-            dot_ = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
-            dpt = _dot(vt, tl.trans(dot_), dpt, IEEE)
-    return dpt
 
 
 @triton.jit
@@ -185,6 +183,36 @@ def _rmw_dot(ws, rows, n_rows, cols, n_cols, a, b, IEEE: tl.constexpr):
     ptrs = ws + rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
     cur = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, _dot(a, b, cur, IEEE), mask=mask)
+
+
+@triton.jit
+def _acc_dot(acc, a, b_base, b_rows, n_b, s_bn, s_bc, cols, C, ws, ws_rows, n_ws,
+             BLOCK_C: tl.constexpr, IN_REGS: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b[b_rows, :] (b: C columns; a rounded to b's dtype): with IN_REGS, acc holds its
+    columns ``cols`` and acc + a @ b[b_rows, cols] is returned; otherwise it is added to the
+    float32 workspace ws[ws_rows, :] (row stride C) in chunks of BLOCK_C columns, and acc is
+    returned unchanged."""
+    if IN_REGS:
+        bt = _load_tile(b_base, b_rows, cols, s_bn, s_bc, n_b, C)
+        acc = _dot(a.to(bt.dtype), bt, acc, IEEE)
+    else:
+        offs_c = tl.arange(0, BLOCK_C)
+        for c0 in range(0, C, BLOCK_C):
+            bt = _load_tile(b_base, b_rows, c0 + offs_c, s_bn, s_bc, n_b, C)
+            _rmw_dot(ws, ws_rows, n_ws, c0 + offs_c, C, a.to(bt.dtype), bt, IEEE)
+    return acc
+
+
+@triton.jit
+def _write_out(acc, ws, out, rows, n_rows, cols, n_cols, s_row, s_col, scale,
+               BLOCK_C: tl.constexpr, IN_REGS: tl.constexpr):
+    """out[rows, :] = scale * a product accumulated as _acc_dot does: acc (out's columns cols)
+    with IN_REGS, else the workspace ws."""
+    if IN_REGS:
+        _store_tile(out, (acc * scale).to(out.dtype.element_ty), rows, cols, s_row, s_col,
+                    n_rows, n_cols)
+    else:
+        _copy_out(ws, out, rows, n_rows, n_cols, s_row, s_col, scale, BLOCK_C)
 
 
 @triton.jit
@@ -213,16 +241,18 @@ def _copy_out(ws, out, rows, n_rows, n_cols, s_row, s_col, scale, BLOCK_C: tl.co
 #     atomics), then copied out. With NUM_K == NUM_V == 1 this is plain FlashAttention-2.
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m, offs_v, offs_ko,
+def _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, wk, offs_n, offs_m, offs_v, cols,
                  s_gm, s_gv, s_dn, s_dv, s_tn, s_tk, N, M, DK, DV,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                 NUM_V: tl.constexpr, IEEE: tl.constexpr):
-    """dphi_acc += dS^T theta[:, this part's columns], dS^T = P^T * (dP^T - D)."""
-    dpt = _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv, N, M, DV,
-                BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_V: tl.constexpr, NUM_V: tl.constexpr, IN_REGS: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """dS^T theta, dS^T = P^T * (dP^T - D) and dP^T = g dy^T: added to dph_acc (dphi's columns
+    cols) with IN_REGS, else to the workspace wk (see _acc_dot)."""
+    dpt = _rows_dot(gg, s_gm, s_gv, offs_n, M, v_hold, dy, s_dn, s_dv, offs_m, N, do, DV,
+                    BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, True, True, IEEE)
     dst = pt * (dpt - di[None, :])
-    q = _load_tile(th, offs_m, offs_ko, s_tn, s_tk, N, DK)
-    return _dot(dst.to(q.dtype), q, dph_acc, IEEE)
+    return _acc_dot(dph_acc, dst, th, offs_m, N, s_tn, s_tk, cols, DK, wk, offs_n, M, BLOCK_K,
+                    IN_REGS, IEEE)
 
 
 @triton.jit
@@ -234,16 +264,16 @@ def softmax_bwd_kv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, NUM_V: tl.constexpr,
         SPLIT: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
+    b, offs_n = _tile(M, BLOCK_N)
     part = tl.program_id(1)
-    n_tiles = tl.cdiv(M, BLOCK_N)
-    b = (pid // n_tiles).to(tl.int64)
-    offs_n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
-    offs_ko = part * BLOCK_K + offs_k   # this part's dphi columns (SPLIT)
-    offs_vo = part * BLOCK_V + offs_v   # this part's dg columns (SPLIT)
+    offs_ko = offs_k  # the dphi and dg columns held in registers (SPLIT: this part's)
+    offs_vo = offs_v
+    if SPLIT:
+        offs_ko = part * BLOCK_K + offs_k
+        offs_vo = part * BLOCK_V + offs_v
     th = TH + b * s_tb
     ph = PH + b * s_pb
     gg = G + b * s_gb
@@ -253,12 +283,8 @@ def softmax_bwd_kv_kernel(
     wk = WK + b * M * DK
     wv = WV + b * M * DV
 
-    k_hold = ph  # placeholders when a tile is not held
-    v_hold = gg
-    if NUM_K == 1:
-        k_hold = _load_tile(ph, offs_n, offs_k, s_pm, s_pk, M, DK)
-    if NUM_V == 1:
-        v_hold = _load_tile(gg, offs_n, offs_v, s_gm, s_gv, M, DV)
+    k_hold = _hold(ph, offs_n, M, s_pm, s_pk, DK, BLOCK_K, NUM_K)
+    v_hold = _hold(gg, offs_n, M, s_gm, s_gv, DV, BLOCK_V, NUM_V)
 
     dg_acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     dph_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -271,60 +297,33 @@ def softmax_bwd_kv_kernel(
         # that lse came from (a dominant weight's rounding error in S cancels against lse's
         # only then), and a dot product's rounding need not be symmetric in its operands (the
         # interpreter's BLAS is not: phi theta^T cost up to 1.6x the tolerance on dg).
-        st = tl.trans(_scores_hold_b(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M,
-                                     k_hold, DK, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE))
-        lse2 = tl.load(lse_b + offs_m.to(tl.int64) * s_ln, mask=m_ok,
-                       other=float("inf")) * 1.4426950408889634
+        st = tl.trans(_rows_dot(th, s_tn, s_tk, offs_m, N, th, ph, s_pm, s_pk, offs_n, M, k_hold,
+                                DK, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, False, True, IEEE))
+        lse2, di = _lse2_and_d(lse_b, s_ln, dd_b, offs_m, m_ok)
         pt = tl.exp2(st * qk_scale - lse2[None, :])
-        di = tl.load(dd_b + offs_m.to(tl.int64), mask=m_ok, other=0.0)
-        do = dy  # placeholder when dy is not held whole
-        if NUM_V == 1:
-            do = _load_tile(dy, offs_m, offs_v, s_dn, s_dv, N, DV)
+        do = _hold(dy, offs_m, N, s_dn, s_dv, DV, BLOCK_V, NUM_V)
         if SPLIT:
             if part < NUM_V:
-                do_p = _load_tile(dy, offs_m, offs_vo, s_dn, s_dv, N, DV)
-                dg_acc = _dot(pt.to(do_p.dtype), do_p, dg_acc, IEEE)
-            if part < NUM_K:
-                dph_acc = _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, offs_n, offs_m,
-                                       offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk,
-                                       N, M, DK, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
+                dg_acc = _acc_dot(dg_acc, pt, dy, offs_m, N, s_dn, s_dv, offs_vo, DV, wv, offs_n,
+                                  M, BLOCK_V, True, IEEE)
+        elif NUM_V == 1:
+            dg_acc = _dot(pt.to(do.dtype), do, dg_acc, IEEE)  # dy's tile is held
         else:
-            dpt = _dp_t(do, v_hold, gg, dy, offs_n, offs_m, offs_v, s_gm, s_gv, s_dn, s_dv,
-                        N, M, DV, BLOCK_N, BLOCK_M, BLOCK_V, NUM_V, IEEE)
-            dst = pt * (dpt - di[None, :])
-            if NUM_V == 1:
-                dg_acc = _dot(pt.to(do.dtype), do, dg_acc, IEEE)
-            else:
-                for v0 in range(0, DV, BLOCK_V):
-                    do_c = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
-                    _rmw_dot(wv, offs_n, M, v0 + offs_v, DV, pt.to(do_c.dtype), do_c, IEEE)
-            if NUM_K == 1:
-                q = _load_tile(th, offs_m, offs_k, s_tn, s_tk, N, DK)
-                dph_acc = _dot(dst.to(q.dtype), q, dph_acc, IEEE)
-            else:
-                for k0 in range(0, DK, BLOCK_K):
-                    q_c = _load_tile(th, offs_m, k0 + offs_k, s_tn, s_tk, N, DK)
-                    _rmw_dot(wk, offs_n, M, k0 + offs_k, DK, dst.to(q_c.dtype), q_c, IEEE)
-            if NUM_K * NUM_V > 1:
-                tl.debug_barrier()  # this iteration's workspace writes before the next reads
+            _acc_dot(dg_acc, pt, dy, offs_m, N, s_dn, s_dv, offs_v, DV, wv, offs_n, M, BLOCK_V,
+                     False, IEEE)  # into the workspace wv
+        if not SPLIT or part < NUM_K:
+            dph_acc = _dphi_update(dph_acc, pt, do, v_hold, gg, dy, th, di, wk, offs_n, offs_m,
+                                   offs_v, offs_ko, s_gm, s_gv, s_dn, s_dv, s_tn, s_tk, N, M, DK,
+                                   DV, BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_V, NUM_V,
+                                   SPLIT or NUM_K == 1, IEEE)
+        if not SPLIT and NUM_K * NUM_V > 1:
+            tl.debug_barrier()  # this iteration's workspace writes before the next reads
 
-    if SPLIT:
-        # Parts past NUM_V (NUM_K) have offs_vo (offs_ko) >= DV (DK): stores masked off.
-        _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_vo,
-                    s_em, s_ev, M, DV)
-        _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n,
-                    offs_ko, s_qm, s_qk, M, DK)
-    else:
-        if NUM_V == 1:
-            _store_tile(DG + b * s_eb, dg_acc.to(DG.dtype.element_ty), offs_n, offs_v,
-                        s_em, s_ev, M, DV)
-        else:
-            _copy_out(wv, DG + b * s_eb, offs_n, M, DV, s_em, s_ev, 1.0, BLOCK_V)
-        if NUM_K == 1:
-            _store_tile(DPH + b * s_qb, (dph_acc * scale).to(DPH.dtype.element_ty), offs_n,
-                        offs_k, s_qm, s_qk, M, DK)
-        else:
-            _copy_out(wk, DPH + b * s_qb, offs_n, M, DK, s_qm, s_qk, scale, BLOCK_K)
+    # SPLIT: parts past NUM_V (NUM_K) have offs_vo (offs_ko) >= DV (DK): stores masked off.
+    _write_out(dg_acc, wv, DG + b * s_eb, offs_n, M, offs_vo, DV, s_em, s_ev, 1.0, BLOCK_V,
+               SPLIT or NUM_V == 1)
+    _write_out(dph_acc, wk, DPH + b * s_qb, offs_n, M, offs_ko, DK, s_qm, s_qk, scale, BLOCK_K,
+               SPLIT or NUM_K == 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,11 +341,8 @@ def softmax_bwd_q_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, NUM_K: tl.constexpr, NUM_V: tl.constexpr,
         SPLIT: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
+    b, offs_m = _tile(N, BLOCK_M)
     part = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    b = (pid // n_tiles).to(tl.int64)
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -358,43 +354,23 @@ def softmax_bwd_q_kernel(
     dy = DY + b * s_db
     wk = WK + b * N * DK
 
-    q_hold = th  # placeholders when a tile is not held
-    do_hold = dy
-    if NUM_K == 1:
-        q_hold = _load_tile(th, offs_m, offs_k, s_tn, s_tk, N, DK)
-    if NUM_V == 1:
-        do_hold = _load_tile(dy, offs_m, offs_v, s_dn, s_dv, N, DV)
-    lse2 = tl.load(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, mask=m_ok,
-                   other=float("inf")) * 1.4426950408889634
-    di = tl.load(Dd + b * N + offs_m.to(tl.int64), mask=m_ok, other=0.0)
+    q_hold = _hold(th, offs_m, N, s_tn, s_tk, DK, BLOCK_K, NUM_K)
+    do_hold = _hold(dy, offs_m, N, s_dn, s_dv, DV, BLOCK_V, NUM_V)
+    lse2, di = _lse2_and_d(LSE + b * s_lb, s_ln, Dd + b * N, offs_m, m_ok)
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + offs_n0
-        s = _scores(th, s_tn, s_tk, offs_m, N, ph, s_pm, s_pk, offs_n, M, q_hold, DK,
-                    BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, IEEE)
+        s = _rows_dot(th, s_tn, s_tk, offs_m, N, q_hold, ph, s_pm, s_pk, offs_n, M, ph, DK,
+                      BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, True, False, IEEE)
         p = tl.where((offs_n < M)[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        if NUM_V == 1:
-            vt = _load_tile(gg, offs_n, offs_v, s_gm, s_gv, M, DV)
-            dp = _dot(do_hold, tl.trans(vt), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-        else:
-            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for v0 in range(0, DV, BLOCK_V):
-                dot_ = _load_tile(dy, offs_m, v0 + offs_v, s_dn, s_dv, N, DV)
-                vt = _load_tile(gg, offs_n, v0 + offs_v, s_gm, s_gv, M, DV)
-                dp = _dot(dot_, tl.trans(vt), dp, IEEE)
+        dp = _rows_dot(dy, s_dn, s_dv, offs_m, N, do_hold, gg, s_gm, s_gv, offs_n, M, gg, DV,
+                       BLOCK_M, BLOCK_N, BLOCK_V, NUM_V, True, False, IEEE)
         ds = p * (dp - di[:, None])
-        if SPLIT or NUM_K == 1:
-            kt = _load_tile(ph, offs_n, offs_ko, s_pm, s_pk, M, DK)
-            dq_acc = _dot(ds.to(kt.dtype), kt, dq_acc, IEEE)
-        else:
-            for k0 in range(0, DK, BLOCK_K):
-                kt = _load_tile(ph, offs_n, k0 + offs_k, s_pm, s_pk, M, DK)
-                _rmw_dot(wk, offs_m, N, k0 + offs_k, DK, ds.to(kt.dtype), kt, IEEE)
+        dq_acc = _acc_dot(dq_acc, ds, ph, offs_n, M, s_pm, s_pk, offs_ko, DK, wk, offs_m, N,
+                          BLOCK_K, SPLIT or NUM_K == 1, IEEE)
+        if not (SPLIT or NUM_K == 1):
             tl.debug_barrier()  # this iteration's workspace writes before the next reads
 
-    if SPLIT or NUM_K == 1:
-        _store_tile(DTH + b * s_qb, (dq_acc * scale).to(DTH.dtype.element_ty), offs_m,
-                    offs_ko, s_qn, s_qk, N, DK)
-    else:
-        _copy_out(wk, DTH + b * s_qb, offs_m, N, DK, s_qn, s_qk, scale, BLOCK_K)
+    _write_out(dq_acc, wk, DTH + b * s_qb, offs_m, N, offs_ko, DK, s_qn, s_qk, scale, BLOCK_K,
+               SPLIT or NUM_K == 1)
