@@ -259,9 +259,14 @@ def test_module_compiled_matches_the_reference_module(name, mode):
     for y in outs:
         y.square().sum().backward()
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-3, atol=1e-4)
-    for (pname, p), p_ref in zip(block.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-4, msg=pname)
+    # One absolute scale for every gradient: some are zero in exact arithmetic (g's bias, whose
+    # shift the batch norm after conv_out removes) and hold only float32 rounding of the rest.
+    grads = [(pname, p.grad, p_ref.grad) for (pname, p), p_ref
+             in zip(block.named_parameters(), ref.parameters())]
+    grads.append(("x", xs[0].grad, xs[1].grad))
+    scale = max(ref_g.abs().max().item() for _, _, ref_g in grads)
+    for pname, got, want in grads:
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * scale, msg=pname)
 
 
 class _Block(torch.nn.Module):
