@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     N, M, C = 4 * 28 * 28, 4 * 14 * 14, 256
     probe = torch.empty(args.batch, N, C, device=args.device, dtype=getattr(torch, args.dtype))
-    best = registry.select("auto", probe, "embedded_gaussian").name
+    best = registry.select("auto", probe, probe[:, :M], probe[:, :M], "embedded_gaussian").name
     print(f"NonLocal3d(512, sub_sample=True) on x of shape ({args.batch}, 512, 4, 28, 28): "
           f"N={N}, M={M}, inter_channels={C}, {args.dtype} on {args.device}")
     print("backends: " + ", ".join(

@@ -118,7 +118,7 @@ def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, 
         # Empty result: the reference computes it for free and keeps the autograd graph.
         chosen = registry.get("reference")
     else:
-        chosen = registry.select(backend, t3, mode)
+        chosen = registry.select(backend, t3, p3, g3, mode)
     # The kernels run in the input dtype: autocast must not re-cast inside the reference path.
     # Only entered when autocast is on (an exported graph then holds the op itself, not an
     # autocast region; devices without autocast, e.g. "meta", never need it).

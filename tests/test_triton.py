@@ -132,7 +132,7 @@ def test_registration():
         # The interpreter is for tests only: auto never picks it.
         assert not info["auto"]
         theta, phi, g = make_inputs(1, 5, 4, 8, 8, device="cpu")
-        assert registry.select("auto", theta, "embedded_gaussian").name != "triton"
+        assert registry.select("auto", theta, phi, g, "embedded_gaussian").name != "triton"
 
 
 def test_kernels_compile_for_gpu_targets():
@@ -302,5 +302,5 @@ def test_torch_compile_api_gpu():
 @pytest.mark.gpu
 def test_auto_picks_triton_on_gpu():
     theta, phi, g = make_inputs(1, 64, 64, 32, 32, device="cuda")
-    assert registry.select("auto", theta, "embedded_gaussian").name == "triton"
+    assert registry.select("auto", theta, phi, g, "embedded_gaussian").name == "triton"
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
