@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import modes as _modes
-from .functional import nonlocal_attention
+from .functional import autocast_enabled, nonlocal_attention
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -167,7 +167,7 @@ class NonLocalBlock(nn.Module):
         # Under autocast the convs give the autocast dtype while x (gaussian theta) and the
         # concat weight stay float32: run the attention in one dtype.
         device = x.device.type
-        autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        autocasting = autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocasting else g.dtype
         theta, phi, g = theta.to(dtype), phi.to(dtype), g.to(dtype)
         if concat_weight is not None:
