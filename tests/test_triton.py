@@ -152,6 +152,13 @@ def test_kernels_compile_for_gpu_targets():
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
+    # No default configuration spills on sm_90, but the one docs/triton.md explains: the float32
+    # forward at head dims that are not multiples of 16 (16 bytes stored, 8 loaded).
+    explained = {("fp32", "24x40", "fwd")}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 6 and cells[0] == "sm_90" and tuple(cells[1:4]) not in explained:
+            assert cells[6] == "0 / 0", line
 
 
 # ------------------------------------------------------------------------------------------
