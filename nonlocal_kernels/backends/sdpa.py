@@ -52,6 +52,10 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_MAX_HEAD_DIM = 256  # FlashAttention-2's largest head dim in PyTorch
 CUDA_HEAD_DIM_MULTIPLE = 8  # its head dims are multiples of 8 (SDPA pads to that)
 _A = torch.ops.aten
+# Whether this torch has the CUDA flash kernel, decided once (a build flag, no CUDA call): some
+# builds lack it, and ROCm's flash kernel (AOTriton) is another kernel, never checked here.
+_CUDA_FLASH = (torch.version.hip is None and
+               getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)())
 
 
 def _width(device: torch.device, *dims: int) -> int:
@@ -149,6 +153,9 @@ def _accepts(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, mode: str)
                 f"head dims (backend 'cpu', 'cuda' or 'triton' take any)")
     if theta.device.type != "cuda":
         return None
+    if not _CUDA_FLASH:
+        return ("theta: on CUDA this torch build has no flash attention kernel (or it is ROCm's, "
+                "not checked here); backend 'triton' or 'cuda' run the call")
     if theta.dtype not in CUDA_DTYPES:
         return (f"theta: dtype {str(theta.dtype).replace('torch.', '')} on CUDA; PyTorch's "
                 f"flash kernel takes float16 and bfloat16 only (backend 'triton' or 'cuda' "
