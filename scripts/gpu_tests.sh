@@ -11,8 +11,8 @@
 #
 # GPU_TESTS_JOBS files run at once (default 4: the GPU and 16 cores take several processes,
 # and the suite's files differ in length), the files that exercise the GPU backends started
-# first. Prints one line per file, in the order given; the exit status is non-zero if any file
-# failed.
+# first, each with OMP_NUM_THREADS = cores / GPU_TESTS_JOBS unless set. Prints one line per file,
+# in the order given; the exit status is non-zero if any file failed.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_tests.sh OUT_DIR [PYTHON] [TEST_FILE ...]}
 PY=${2:-${PYTHON:-python3}}
@@ -54,8 +54,12 @@ run_file() {  # run_file FILE: one pytest process; on a crash, the backtrace of 
 }
 export -f run_file
 export OUT PY
+# The files share the cores: each process gets its part of them for torch's CPU threads.
+JOBS=${GPU_TESTS_JOBS:-4}
+CORES=$(nproc 2>/dev/null || echo 4)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES / JOBS > 0 ? CORES / JOBS : 1))}
 
-printf '%s\0' "${files[@]}" | xargs -0 -n 1 -P "${GPU_TESTS_JOBS:-4}" bash -c 'run_file "$0"'
+printf '%s\0' "${files[@]}" | xargs -0 -n 1 -P "$JOBS" bash -c 'run_file "$0"'
 
 status=0
 for f in "${files[@]}"; do
