@@ -23,6 +23,7 @@ any kernel fails to compile.
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,22 +145,30 @@ def compile_one(kernel: str, dtype: torch.dtype, dims: tuple, config: tuple, arc
 
 
 def _resources(ptx: str) -> dict:
-    """Registers and spill stores / loads of the kernel: ptxas -v (Triton's own ptxas) on the PTX
-    Triton compiled, for the PTX's own target (sm_90a for sm_90)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """Registers and spill stores / loads of the kernel: ptxas -v on the PTX Triton compiled,
+    for the PTX's own target (sm_90a for sm_90). The first ptxas that takes the PTX's version:
+    Triton's own (Triton 3.9's bin/ptxas is too old for the PTX it writes; it compiles with
+    ptxas-blackwell), then CUDA's."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tools = [os.path.join(bin_dir, "ptxas"), os.path.join(bin_dir, "ptxas-blackwell"),
+             shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"]
     target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
-    if not os.path.exists(tool) or target is None:
+    if target is None:
         return {}
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        out = subprocess.run([tool, "-v", f"--gpu-name={target.group(1)}", "-o", os.devnull,
-                              f.name], capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", out)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    if regs is None or spill is None:
-        return {}
-    return {"regs": int(regs.group(1)), "spill": f"{spill.group(1)} / {spill.group(2)}"}
+        for tool in tools:
+            if not tool or not os.path.exists(tool):
+                continue
+            res = subprocess.run([tool, "-v", f"--gpu-name={target.group(1)}", "-o", os.devnull,
+                                  f.name], capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", res.stderr)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+            if res.returncode == 0 and regs and spill:
+                return {"regs": int(regs.group(1)),
+                        "spill": f"{spill.group(1)} / {spill.group(2)}"}
+    return {}
 
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
