@@ -17,9 +17,10 @@
 #                conformance suite), one pytest process per test file, several at once
 #                (scripts/gpu_tests.sh: a crash costs only its file and gets a backtrace);
 #                Triton autotuning off (test_every_gpu_config checks each candidate);
-#   5. bench     every available backend against torch's SDPA kernels and the naive path at
-#                the design's GPU shapes, bfloat16, forward and forward+backward: time,
-#                TFLOP/s, peak memory (python -m benchmarks --preset gpu);
+#   5. bench     every available GPU backend against torch's SDPA (default dispatch, and each
+#                fused kernel forced) and the naive path at the design's GPU shapes, bfloat16,
+#                forward and forward+backward: time, TFLOP/s, peak memory
+#                (python -m benchmarks --preset gpu);
 #   6. sanitizer compute-sanitizer memcheck on one small case per GPU backend, then racecheck,
 #                synccheck and memcheck on the cuda backend's cases (scripts/gpu_check_cuda.sh).
 #                A probe first: where compute-sanitizer refuses the device ("Device not
@@ -169,7 +170,7 @@ for b in nk.available_backends():
     print(json.dumps({k: b[k] for k in ("name", "available", "reason", "devices", "priority")}))'
 
 # 3. the whole test suite, one process per file ------------------------------------------------
-run_step tests 210 gpu env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
+run_step tests 200 gpu env NONLOCAL_KERNELS_TRITON_AUTOTUNE=0 NONLOCAL_KERNELS_POISON=1 \
     bash scripts/gpu_tests.sh "$WORK/tests" "$PY"
 TRITON_TESTS_FAILED=0
 if [ -d "$WORK/tests" ]; then
@@ -184,8 +185,15 @@ if [ -d "$WORK/tests" ]; then
 fi
 
 # 4. the benchmark table ---------------------------------------------------------------------
-run_step bench 90 gpu "$PY" -m benchmarks --preset gpu --device cuda --dtype bfloat16 \
-    --repeats 5 --budget 2 --out "$WORK/bench"
+# The package's GPU backends, the naive path, SDPA's default dispatch and each of its fused
+# kernels forced (its math kernel is what the default falls back to, so not forced again).
+METHODS=$("$PY" -c 'import nonlocal_kernels as nk
+names = [b["name"] for b in nk.available_backends() if b["available"] and "cuda" in b["devices"]
+         and b["name"] not in ("reference", "fast")]
+print(",".join(names + ["naive", "torch_sdpa", "torch_sdpa_flash", "torch_sdpa_efficient",
+                        "torch_sdpa_cudnn"]))' 2>/dev/null)
+run_step bench 120 gpu "$PY" -m benchmarks --preset gpu --device cuda --dtype bfloat16 \
+    --backends "$METHODS" --repeats 5 --warmup 2 --budget 1 --out "$WORK/bench"
 cp "$WORK/bench/results.md" "$OUT/bench.md" 2>/dev/null
 cp "$WORK/bench/results.json" "$OUT/bench.json" 2>/dev/null
 
