@@ -152,12 +152,13 @@ def test_kernels_compile_for_gpu_targets():
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
-    # No default configuration spills on sm_90, but the one docs/triton.md explains: the float32
-    # forward at head dims that are not multiples of 16 (16 bytes stored, 8 loaded).
-    explained = {("fp32", "24x40", "fwd")}
+    # No default configuration spills on sm_90 but those docs/triton.md explains ("Spills"):
+    # the float32 forward (Triton 3.6 and 3.8), the 16-bit kv kernel at 256-wide tiles (3.9).
+    def explained(dtype, dims, kernel):
+        return (dtype, kernel) == ("fp32", "fwd") or (kernel == "kv" and dims == "256x256")
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) > 6 and cells[0] == "sm_90" and tuple(cells[1:4]) not in explained:
+        if len(cells) > 6 and cells[0] == "sm_90" and not explained(*cells[1:4]):
             assert cells[6] == "0 / 0", line
 
 
