@@ -153,7 +153,7 @@ def test_kernels_compile_for_gpu_targets():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
     # No default configuration spills on sm_90 but those docs/triton.md explains ("Spills"):
-    # the float32 forward (Triton 3.6 and 3.8), the 16-bit kv kernel at 256-wide tiles (3.9).
+    # the float32 forward (Triton 3.6), the 16-bit kv kernel at 256-wide tiles (Triton 3.9).
     def explained(dtype, dims, kernel):
         return (dtype, kernel) == ("fp32", "fwd") or (kernel == "kv" and dims == "256x256")
     for line in proc.stdout.splitlines():
