@@ -129,8 +129,25 @@ def build_ext_class():
     return Build.with_options(use_ninja=True)
 
 
+def license_metadata() -> dict:
+    """The license, for every setuptools that builds torch extensions. pyproject.toml declares
+    it dynamic: its SPDX string form (`license = "BSD-3-Clause"`) needs setuptools >= 77, and
+    older ones (Python 3.11's venv brings 65.5) reject the whole file ("`project.license` must be
+    valid exactly by one definition"), while >= 77 deprecates the table form. So: an SPDX
+    License-Expression from 77 on, the plain License field before."""
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": LICENSE}
+    return {"license": LICENSE}
+
+
+LICENSE = "BSD-3-Clause"
+
+
 def main():
     setup(
+        **license_metadata(),
         ext_modules=extensions(),
         cmdclass={"build_ext": build_ext_class()},
         options={"bdist_wheel": {"py_limited_api": "cp39"}},

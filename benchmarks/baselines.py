@@ -1,9 +1,11 @@
 """Methods a benchmark can run: every registered backend of nonlocal_kernels plus baselines.
 
 A method is ``fn(theta, phi, g, concat_weight, mode, scale) -> y``. ``naive`` is the reference
-backend (materialises N x M). ``sdpa`` is torch.nn.functional.scaled_dot_product_attention with
-its default dispatch; on CUDA also ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_cudnn`` and
-``sdpa_math``, each forced to that SDPA backend. Other baselines are added to BASELINES.
+backend (materialises N x M). ``torch_sdpa`` is torch.nn.functional.scaled_dot_product_attention
+with its default dispatch; ``torch_sdpa_flash`` and ``torch_sdpa_math`` force its flash (CPU and
+CUDA) or math kernel, and on CUDA ``torch_sdpa_efficient`` and ``torch_sdpa_cudnn`` the other
+two. (The backend ``sdpa`` is this package's wrapper of the flash kernels, with lse.) Other
+baselines are added to BASELINES.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ def _backend_method(name: str) -> Callable:
     return run
 
 
+def _sdpa_operand(t: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) as SDPA's fused kernels take it: (B, heads = 1, L, d) with a unit stride on the
+    last dim. They refuse 3-D inputs on CUDA ("Both fused kernels requires query, key and value
+    to be 4 dimensional") and, on CPU and CUDA, a last dim with another stride ("All fused
+    kernels require the last dimension of the input to have stride 1"), as the benchmark's
+    channels-first inputs have; either sent every shape of the first H200 run to the math
+    kernel, or to "No available kernel" when forced. The copy a channels-first input needs is
+    timed with the call: a caller pays it too."""
+    return (t if t.stride(-1) == 1 else t.contiguous()).unsqueeze(1)
+
+
 def _sdpa_method(sdpa_backend: Optional[str]) -> Callable:
     def run(theta, phi, g, concat_weight, mode, scale):
         if sdpa_backend is None:
@@ -33,7 +46,8 @@ def _sdpa_method(sdpa_backend: Optional[str]) -> Callable:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             ctx = sdpa_kernel([getattr(SDPBackend, sdpa_backend)])
         with ctx:
-            return F.scaled_dot_product_attention(theta, phi, g, scale=scale)
+            q, k, v = (_sdpa_operand(t) for t in (theta, phi, g))
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)[:, 0]
     return run
 
 
@@ -64,16 +78,19 @@ def _fast_pytorch(theta, phi, g, concat_weight, mode, scale):
 BASELINES: dict = {
     "naive": (_backend_method("reference"), None, ("cpu", "cuda"),
               "reference backend: materialises the N x M affinity"),
-    "sdpa": (_sdpa_method(None), SOFTMAX_MODES, ("cpu", "cuda"),
-             "torch scaled_dot_product_attention, default dispatch"),
+    "torch_sdpa": (_sdpa_method(None), SOFTMAX_MODES, ("cpu", "cuda"),
+                   "torch scaled_dot_product_attention, default dispatch"),
     "mmcv_concat": (_mmcv_concat, ("concatenation",), ("cpu", "cuda"),
                     "mmcv-style concatenation: builds the (B, 2 dk, N, M) tensor and a 1x1 conv"),
     "fast_pytorch": (_fast_pytorch, ("concatenation",), ("cpu",),
                      "backend fast, concatenation without its fused C++ CPU kernels"),
 }
-for _name, _sdpa in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
-                     ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH")):
-    BASELINES[_name] = (_sdpa_method(_sdpa), SOFTMAX_MODES, ("cuda",),
+for _name, _sdpa, _devices in (
+        ("torch_sdpa_flash", "FLASH_ATTENTION", ("cpu", "cuda")),
+        ("torch_sdpa_efficient", "EFFICIENT_ATTENTION", ("cuda",)),
+        ("torch_sdpa_cudnn", "CUDNN_ATTENTION", ("cuda",)),
+        ("torch_sdpa_math", "MATH", ("cpu", "cuda"))):
+    BASELINES[_name] = (_sdpa_method(_sdpa), SOFTMAX_MODES, _devices,
                         f"torch SDPA forced to {_sdpa}")
 
 

@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append", default=[], help="B,N,M,dk,dv (repeatable)")
     p.add_argument("--mode", default="embedded_gaussian", choices=modes.NAMES)
     p.add_argument("--backends", help="comma-separated methods (default: every available "
-                   "backend plus the baselines naive and sdpa*)")
+                   "backend plus the baselines naive and torch_sdpa*)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA "
                    "default), float16, float64")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

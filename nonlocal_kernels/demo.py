@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         p.error(f"--cases: expected names from {', '.join(CASES)}, got {args.cases!r}")
 
     probe = torch.empty(1, 2, 2, device=args.device, dtype=getattr(torch, args.dtype))
-    best = registry.select("auto", probe, "embedded_gaussian").name
+    best = registry.select("auto", probe, probe, probe, "embedded_gaussian").name
     print("backends: " + ", ".join(
         f"{b['name']}{'' if b['available'] else ' (unavailable: ' + b['reason'] + ')'}"
         for b in registry.available_backends()))

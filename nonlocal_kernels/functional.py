@@ -88,6 +88,19 @@ def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
     return scale
 
 
+# The device types that have autocast, decided once here: torch.compile traces
+# nonlocal_attention and the modules, and dynamo in torch 2.11 cannot trace
+# torch.amp.is_autocast_available (a graph break, so fullgraph=True failed there), while a set
+# lookup traces everywhere.
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu")
+                              if torch.amp.is_autocast_available(d))
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for one without autocast: meta)."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
 def _flatten_batch(t: torch.Tensor) -> torch.Tensor:
     # 3-D stays a view with its own strides; more batch dims are merged (a view when possible).
     return t if t.dim() == 3 else t.reshape((-1,) + tuple(t.shape[-2:]))
@@ -118,12 +131,12 @@ def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, 
         # Empty result: the reference computes it for free and keeps the autograd graph.
         chosen = registry.get("reference")
     else:
-        chosen = registry.select(backend, t3, mode)
+        chosen = registry.select(backend, t3, p3, g3, mode)
     # The kernels run in the input dtype: autocast must not re-cast inside the reference path.
     # Only entered when autocast is on (an exported graph then holds the op itself, not an
     # autocast region; devices without autocast, e.g. "meta", never need it).
     device = theta.device.type
-    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    autocasting = autocast_enabled(device)
     with torch.autocast(device, enabled=False) if autocasting else contextlib.nullcontext():
         out = chosen.run(t3, p3, g3, mode=mode, scale=scale, concat_weight=concat_weight,
                          return_lse=return_lse)

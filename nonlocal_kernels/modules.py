@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import modes as _modes
-from .functional import nonlocal_attention
+from .functional import autocast_enabled, nonlocal_attention
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -158,8 +158,7 @@ def block_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *, 
     autocast dtype while x (a Gaussian theta) and a concat weight stay float32: the attention
     runs in one dtype, the autocast one."""
     device = theta.device.type
-    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if autocasting else g.dtype
+    dtype = torch.get_autocast_dtype(device) if autocast_enabled(device) else g.dtype
     y = nonlocal_attention(_positions(theta).to(dtype), _positions(phi).to(dtype),
                            _positions(g).to(dtype), mode=mode, scale=scale,
                            concat_weight=None if concat_weight is None

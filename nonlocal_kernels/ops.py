@@ -6,10 +6,11 @@ One schema per kernel family (the op contract: docs/design.md section 2):
                      -> (y (B,N,dv), lse (B,N))
                  <ns>::softmax_bwd(dy, theta, phi, g, y, lse, float scale)
                      -> (dtheta, dphi, dg)
-                 in three namespaces: ``nonlocal_kernels`` (C++, _C: CPU and CUDA kernels),
-                 ``nonlocal_kernels_emu`` (C++, _C_emu: the CUDA kernels on CPU tensors, tests)
-                 and ``nonlocal_kernels_triton`` (Triton). The C++ schema is
-                 csrc/ops_schema.h, the Python one SOFTMAX_SCHEMAS (tests/test_ops.py ties them).
+                 in four namespaces: ``nonlocal_kernels`` (C++, _C: CPU and CUDA kernels),
+                 ``nonlocal_kernels_emu`` (C++, _C_emu: the CUDA kernels on CPU tensors, tests),
+                 ``nonlocal_kernels_triton`` (Triton) and ``nonlocal_kernels_sdpa`` (PyTorch's
+                 flash kernels, backends/sdpa.py). The C++ schema is csrc/ops_schema.h, the
+                 Python one SOFTMAX_SCHEMAS (tests/test_ops.py ties them).
   dot_product    nonlocal_kernels_fast::dot_product (backends/fast.py)
   concatenation  nonlocal_kernels_fast::concat_fwd / concat_bwd (backends/fast.py); on CPU they
                  run the C++ nonlocal_kernels::concat_sorted_fwd / concat_sorted_bwd

@@ -19,18 +19,22 @@ def run_cli(tmp_path, *args):
 
 
 def test_cli_measures_every_method_and_writes_table_and_plots(tmp_path):
-    stdout, res = run_cli(tmp_path, "--shape", "1,96,40,16,8", "--shape", "2,50,30,8,8",
-                          "--backends", "naive,sdpa", "--repeats", "2", "--budget", "1")
+    # torch_sdpa_flash forces SDPA's flash kernel: it runs on the benchmark's channels-first
+    # inputs (the baseline hands it (B, 1, L, d) with a unit last-dim stride; before, every
+    # fused SDPA kernel refused them with "No available kernel"). It needs dk == dv.
+    stdout, res = run_cli(tmp_path, "--shape", "1,96,40,16,16", "--shape", "2,50,30,8,8",
+                          "--backends", "naive,torch_sdpa_flash", "--repeats", "2",
+                          "--budget", "1")
     rows = res["rows"]
     assert [(r["shape"], r["method"]) for r in rows] == [
-        ("(1, 96, 40, 16, 8)", "naive"), ("(1, 96, 40, 16, 8)", "sdpa"),
-        ("(2, 50, 30, 8, 8)", "naive"), ("(2, 50, 30, 8, 8)", "sdpa")]
+        ("(1, 96, 40, 16, 16)", "naive"), ("(1, 96, 40, 16, 16)", "torch_sdpa_flash"),
+        ("(2, 50, 30, 8, 8)", "naive"), ("(2, 50, 30, 8, 8)", "torch_sdpa_flash")]
     for r in rows:
         assert r["status"] == "ok"
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         assert r["peak_fwd_bytes"] >= 0 and r["peak_fwd_bwd_bytes"] >= 0
-    assert rows[0]["fwd_flops"] == 2 * 96 * 40 * (16 + 8)
-    assert "| (1, 96, 40, 16, 8) | naive |" in stdout
+    assert rows[0]["fwd_flops"] == 2 * 96 * 40 * (16 + 16)
+    assert "| (1, 96, 40, 16, 16) | naive |" in stdout
     assert "AMD" in res["machine"] or "cores" in res["machine"]
     for name in ("results.md", "time.png", "memory.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -68,12 +72,13 @@ def test_interleaved_timing_reports_a_failing_method_and_times_the_others(monkey
     monkeypatch.setitem(baselines.BASELINES, "planted",
                         (fails_on_the_case, None, ("cpu",), "fails on the case"))
     spec = {"case": [1, 40, 24, 8, 8], "mode": "embedded_gaussian", "dtype": "float32",
-            "device": "cpu", "methods": ["naive", "planted", "sdpa"],
-            "steps": {"fwd": ["naive", "planted", "sdpa"], "fwd_bwd": ["naive", "planted", "sdpa"]},
+            "device": "cpu", "methods": ["naive", "planted", "torch_sdpa"],
+            "steps": {"fwd": ["naive", "planted", "torch_sdpa"],
+                      "fwd_bwd": ["naive", "planted", "torch_sdpa"]},
             "repeats": 4, "warmup": 1, "budget_s": 10.0}
     res = time_interleaved(spec)
     assert res["planted"] == {"status": "fwd timing: error: RuntimeError: planted failure"}
     assert calls == [16, 40]  # dropped after its failure, not called in later rounds or steps
-    for m in ("naive", "sdpa"):
+    for m in ("naive", "torch_sdpa"):
         for step in ("fwd", "fwd_bwd"):
             assert res[m][f"{step}_ms"] > 0 and res[m][f"{step}_rounds"] == 4

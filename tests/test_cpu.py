@@ -174,8 +174,8 @@ def test_backward_is_deterministic(variant):
 def test_auto_picks_cpu_for_cpu_tensors_of_the_softmax_family():
     theta, phi, g = make_inputs(1, 5, 4, 3, 2)
     for mode in SOFTMAX_MODES:
-        assert registry.select("auto", theta, mode).name == "cpu"
-    assert registry.select("auto", theta, "dot_product").name != "cpu"
+        assert registry.select("auto", theta, phi, g, mode).name == "cpu"
+    assert registry.select("auto", theta, phi, g, "dot_product").name != "cpu"
     info = {b["name"]: b for b in registry.available_backends()}["cpu"]
     assert info["available"] and info["priority"] == 50 and info["devices"] == ["cpu"]
 

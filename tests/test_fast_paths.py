@@ -66,7 +66,7 @@ def test_registered_for_its_own_modes_with_priority_200():
 @pytest.mark.parametrize("mode", ["dot_product", "concatenation", "embedded_gaussian"])
 def test_auto_picks_fast_for_its_modes_only(mode):
     theta, phi, g = make_inputs(1, 5, 4, 3, 2)
-    chosen = registry.select("auto", theta, mode)
+    chosen = registry.select("auto", theta, phi, g, mode)
     assert (chosen.name == "fast") == (mode in ("dot_product", "concatenation"))
 
 

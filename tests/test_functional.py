@@ -109,7 +109,7 @@ def test_available_backends_lists_reference_with_its_status():
 
 
 def _fake_backend(name, priority=10, reason=None, families=registry.FAMILIES, auto=True,
-                  calls=None):
+                  calls=None, accepts=None):
     def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
         calls.append(name)
         return registry.get("reference").run(theta, phi, g, mode=mode, scale=scale,
@@ -117,7 +117,8 @@ def _fake_backend(name, priority=10, reason=None, families=registry.FAMILIES, au
     return registry.Backend(name=name, description="test", families=families,
                             dtypes=modes.FLOAT_DTYPES, devices=("cpu",), run=run,
                             priority=priority, unavailable_reason=lambda: reason,
-                            how_to_enable="Install the frobnicator." if reason else "", auto=auto)
+                            how_to_enable="Install the frobnicator." if reason else "", auto=auto,
+                            accepts=accepts)
 
 
 def test_auto_picks_highest_priority_available_backend(monkeypatch):
@@ -151,6 +152,38 @@ def test_naming_a_backend_that_cannot_run_the_call(monkeypatch):
     with pytest.raises(ValueError, match="'t_dotonly' cannot run this call: mode "
                                          "'embedded_gaussian' is not supported"):
         nonlocal_attention(theta, phi, g, backend="t_dotonly")
+
+
+def test_a_per_call_refusal_is_an_error_when_named_and_passes_auto_on(monkeypatch):
+    # accepts(theta, phi, g, mode): None runs the call; a reason refuses it. select asks it for
+    # a named backend (the reason becomes the error) and for each auto candidate (the next one
+    # runs the call).
+    monkeypatch.setattr(registry, "_REGISTRY", {"reference": registry.get("reference")})
+    calls, seen = [], []
+
+    def narrow(theta, phi, g, mode):
+        seen.append((tuple(theta.shape), tuple(phi.shape), tuple(g.shape), mode))
+        if theta.shape[-1] != g.shape[-1]:
+            return f"g: dv = {g.shape[-1]} differs from dk = {theta.shape[-1]}"
+        return None
+
+    for b in (_fake_backend("t_narrow", 30, calls=calls, accepts=narrow),
+              _fake_backend("t_wide", 20, calls=calls),
+              _fake_backend("t_gpu_auto", 40, calls=calls, auto=("cuda",))):
+        monkeypatch.setitem(registry._REGISTRY, b.name, b)
+    square = make_inputs(2, 7, 5, 4, 4)
+    ragged = make_inputs(2, 7, 5, 4, 3)
+    nonlocal_attention(*square)
+    nonlocal_attention(*ragged)
+    assert calls == ["t_narrow", "t_wide"]  # t_gpu_auto: auto only on CUDA
+    assert seen[-1] == ((2, 7, 4), (2, 5, 4), (2, 5, 3), "embedded_gaussian")
+    with pytest.raises(ValueError, match="'t_narrow' cannot run this call: g: dv = 3 differs "
+                                         "from dk = 4"):
+        nonlocal_attention(*ragged, backend="t_narrow")
+    nonlocal_attention(*ragged, backend="t_gpu_auto")  # named, it runs on CPU
+    assert calls[-1] == "t_gpu_auto"
+    info = {b["name"]: b for b in nonlocal_kernels.available_backends()}
+    assert info["t_gpu_auto"]["auto"] == ["cuda"] and info["t_wide"]["auto"] is True
 
 
 def test_registry_rejects_duplicates_and_unknown_modes():

@@ -10,6 +10,7 @@ import fnmatch
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,46 @@ def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     assert not outside, f"imported from outside the wheel's install ({site}): {outside}"
     installed = {n for n in os.listdir(site) if not n.endswith(".dist-info")}
     assert installed == {PACKAGE}, f"the wheel installs more than {PACKAGE}: {sorted(installed)}"
+
+
+OLD_SETUPTOOLS = r"""
+import json, os, sys, sysconfig, tempfile
+import setuptools
+import setuptools.build_meta as meta
+
+out = {"setuptools": setuptools.__version__, "file": setuptools.__file__}
+for hook in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
+    d = tempfile.mkdtemp()
+    info = getattr(meta, hook)(d)
+    out[hook] = open(os.path.join(d, info, "METADATA")).read()
+print(json.dumps(out))
+"""
+
+
+def test_metadata_is_valid_for_the_setuptools_a_fresh_venv_brings(tmp_path):
+    # pip install --no-build-isolation -e . on the GPU image uses whatever setuptools is there
+    # (unknown, no network). Python 3.11's venv brings setuptools 65.5, which rejected the SPDX
+    # string form of project.license (setuptools >= 77) before a single file compiled. Here:
+    # such a venv, torch reachable through a .pth after its own site-packages (its setuptools
+    # first), and both PEP 517 metadata hooks on a copy of the tree. (scripts/compat_check.sh
+    # builds the editable install and a wheel in such a venv, offline.)
+    venv = tmp_path / "venv"
+    _run("python -m venv", [sys.executable, "-m", "venv", str(venv)])
+    py = venv / "bin" / "python"
+    own = _run("site-packages", [str(py), "-c", "import sysconfig; "
+                                 "print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    if not list(Path(own).glob("setuptools-*")):
+        pytest.skip(f"the venv of {sys.executable} brings no setuptools (Python >= 3.12)")
+    torch_site = Path(importlib.util.find_spec("torch").origin).parent.parent
+    (Path(own) / "zz_torch.pth").write_text(f"{torch_site}\n")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=_gitignore_filter(ROOT))
+    env = dict(os.environ, NONLOCAL_KERNELS_CUDA="0", NONLOCAL_KERNELS_EMU="0")
+    env.pop("PYTHONPATH", None)
+    report = json.loads(_run("the metadata hooks", [str(py), "-c", OLD_SETUPTOOLS], cwd=src,
+                             env=env).stdout.strip().splitlines()[-1])
+    assert report["file"].startswith(own), report["file"]
+    assert int(report["setuptools"].split(".")[0]) < 77, report["setuptools"]
+    for hook in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable"):
+        assert re.search(r"^Name: nonlocal[-_]kernels$", report[hook], re.M), report[hook]
+        assert "License: BSD-3-Clause" in report[hook], report[hook]

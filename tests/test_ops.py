@@ -28,8 +28,9 @@ def test_extension_is_built_and_registers_both_schemas():
 
 
 def test_python_and_cpp_schemas_agree():
-    # csrc/ops_schema.h defines the C++ namespaces, ops.SOFTMAX_SCHEMAS the Triton one.
-    namespaces = [ops.NAMESPACE, "nonlocal_kernels_emu", "nonlocal_kernels_triton", PY_NS]
+    # csrc/ops_schema.h defines the C++ namespaces, ops.SOFTMAX_SCHEMAS the Triton and sdpa ones.
+    namespaces = [ops.NAMESPACE, "nonlocal_kernels_emu", "nonlocal_kernels_triton",
+                  "nonlocal_kernels_sdpa", PY_NS]
     for name, schema in ops.SOFTMAX_SCHEMAS.items():
         for ns in namespaces:
             if ops._op_exists(f"{ns}::{name}"):

@@ -132,7 +132,7 @@ def test_registration():
         # The interpreter is for tests only: auto never picks it.
         assert not info["auto"]
         theta, phi, g = make_inputs(1, 5, 4, 8, 8, device="cpu")
-        assert registry.select("auto", theta, "embedded_gaussian").name != "triton"
+        assert registry.select("auto", theta, phi, g, "embedded_gaussian").name != "triton"
 
 
 def test_kernels_compile_for_gpu_targets():
@@ -152,6 +152,14 @@ def test_kernels_compile_for_gpu_targets():
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("| sm_") == 2 * 2 * 3 * 4  # arch x dtype x dims x kernel
+    # No default configuration spills on sm_90 but those docs/triton.md explains ("Spills"):
+    # the float32 forward (Triton 3.6), the 16-bit kv kernel at 256-wide tiles (Triton 3.9).
+    def explained(dtype, dims, kernel):
+        return (dtype, kernel) == ("fp32", "fwd") or (kernel == "kv" and dims == "256x256")
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 6 and cells[0] == "sm_90" and not explained(*cells[1:4]):
+            assert cells[6] == "0 / 0", line
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,5 +310,5 @@ def test_torch_compile_api_gpu():
 @pytest.mark.gpu
 def test_auto_picks_triton_on_gpu():
     theta, phi, g = make_inputs(1, 64, 64, 32, 32, device="cuda")
-    assert registry.select("auto", theta, "embedded_gaussian").name == "triton"
+    assert registry.select("auto", theta, phi, g, "embedded_gaussian").name == "triton"
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")

@@ -7,6 +7,7 @@ from . import fast  # noqa: F401  (registers "fast": exact dot_product / concate
 from . import cuda  # noqa: F401  (registers "cuda")
 from . import cuda_emu  # noqa: F401  (registers "cuda_emu", tests only)
 from . import triton  # noqa: F401  (registers "triton")
+from . import sdpa  # noqa: F401  (registers "sdpa": PyTorch's fused SDPA kernels)
 from .registry import available_backends
 
 __all__ = ["registry", "available_backends"]

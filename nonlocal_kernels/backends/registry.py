@@ -10,9 +10,15 @@ that receives validated 3-D tensors (B, N, dk), (B, M, dk), (B, M, dv) with any 
 ``nonlocal_attention`` (functional.py) validates and calls :func:`select`. A softmax-family
 backend is declared by :func:`softmax_backend` from an op namespace and a dispatch key.
 
-``backend="auto"`` picks, among the backends with ``auto=True`` that are available and support
-the call, the one with the highest ``priority``. Test-only backends (``cuda_emu``, ``triton`` on
-CPU under the interpreter) set ``auto=False``.
+``backend="auto"`` picks, among the backends that ``auto`` may take on the call's device and that
+are available and support the call, the one with the highest ``priority``. Test-only backends
+(``cuda_emu``, ``triton`` on CPU under the interpreter) set ``auto=False``; ``sdpa`` sets
+``auto=("cuda",)``.
+
+What a call needs beyond its mode, dtype and device type (head dims, dk against dv) a backend
+declares in ``accepts(theta, phi, g, mode)``: None when it runs the call, else the reason it
+does not. ``select`` asks it for a named backend (a refusal is an error naming the reason) and for
+every candidate of ``auto`` (a refusal passes the call on to the next backend).
 
 Every backend also runs on ``meta`` tensors (its ops' fakes give shapes, dtypes and strides;
 nothing runs), so a model built on the meta device can hold any backend's blocks.
@@ -44,11 +50,18 @@ class Backend:
     unavailable_reason: Callable[[], Optional[str]] = lambda: None
     # How to make it available; appended to the error when a user names it.
     how_to_enable: str = ""
-    # Whether backend="auto" may pick it.
-    auto: bool = True
+    # Where backend="auto" may pick it: True (on every device it runs on), False (never: it
+    # runs only when named) or a tuple of device types.
+    auto: object = True
+    # Per call, after mode, dtype and device type: (theta, phi, g, mode) -> None when it runs
+    # this call, else why not (naming the argument). None: every call that passes check_call.
+    accepts: Optional[Callable] = None
     # The families whose second derivatives it computes exactly; the others raise on a second
     # backward (ops.double_backward_error).
     double_backward: tuple = ()
+    # Whether two runs on the same inputs give bit-identical outputs and gradients: True, or the
+    # tuple of device types where they do.
+    deterministic: object = True
     # The torch.library ops it runs ("namespace::name"), each with a fake, a vmap rule and
     # autograd (ops.py); tests/test_conformance.py runs opcheck on every one.
     ops: tuple = ()
@@ -56,6 +69,17 @@ class Backend:
     @property
     def modes(self) -> tuple:
         return tuple(m.name for m in _modes.MODES.values() if m.family in self.families)
+
+    def auto_on(self, device_type: str) -> bool:
+        """Whether backend="auto" may pick it for tensors on this device type."""
+        if isinstance(self.auto, bool):
+            return self.auto
+        return device_type in self.auto or device_type == "meta"
+
+    def deterministic_on(self, device_type: str) -> bool:
+        if isinstance(self.deterministic, bool):
+            return self.deterministic
+        return device_type in self.deterministic
 
     def check_call(self, mode: str, dtype: torch.dtype, device_type: str) -> Optional[str]:
         """None when this backend supports the (mode, dtype, device type); else why not."""
@@ -124,34 +148,45 @@ def available_backends() -> list[dict]:
             "modes": list(b.modes),
             "dtypes": [str(d).replace("torch.", "") for d in b.dtypes],
             "devices": list(b.devices),
-            "auto": b.auto,
+            "auto": b.auto if isinstance(b.auto, bool) else list(b.auto),
             "priority": b.priority,
             "double_backward": list(b.double_backward),
+            "deterministic": (b.deterministic if isinstance(b.deterministic, bool)
+                              else list(b.deterministic)),
             "ops": list(b.ops),
             "description": b.description,
         })
     return out
 
 
-def select(name: str, theta: torch.Tensor, mode: str) -> Backend:
-    """The backend that runs this call; raises ValueError/RuntimeError with the reason."""
+def select(name: str, theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor,
+           mode: str) -> Backend:
+    """The backend that runs this call (validated 3-D tensors); raises ValueError/RuntimeError
+    with the reason."""
     dtype, device_type = theta.dtype, theta.device.type
+
+    def refusal(b: Backend) -> Optional[str]:
+        reason = b.check_call(mode, dtype, device_type)
+        if reason is None and b.accepts is not None:
+            reason = b.accepts(theta, phi, g, mode)
+        return reason
+
     if name != "auto":
         b = get(name)
         reason = b.unavailable_reason()
         if reason is not None:
             hint = f" {b.how_to_enable}" if b.how_to_enable else ""
             raise RuntimeError(f"backend {name!r} is not available: {reason}.{hint}")
-        reason = b.check_call(mode, dtype, device_type)
+        reason = refusal(b)
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return b
     refusals = []
     for n in names():
         b = _REGISTRY[n]
-        if not b.auto:
+        if not b.auto_on(device_type):
             continue
-        reason = b.check_call(mode, dtype, device_type) or b.unavailable_reason()
+        reason = b.unavailable_reason() or refusal(b)
         if reason is None:
             return b
         refusals.append(f"{n}: {reason}")

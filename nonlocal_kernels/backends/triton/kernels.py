@@ -150,8 +150,10 @@ def softmax_fwd_kernel(
     y = acc / l_i[:, None]
     _store_tile(Y + b * s_yb, y.to(Y.dtype.element_ty), offs_m, offs_v, s_yn, s_yv, N, DV)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln(2)
-    tl.store(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, lse,
-             mask=(offs_m < N) & (part == 0))
+    if part == 0:  # lse once per row tile, by the program of the first dv part
+        # (A mask "(offs_m < N) & (part == 0)" is int32 in Triton 3.9's interpreter, which
+        # then refuses it: "mask has unsupported dtype".)
+        tl.store(LSE + b * s_lb + offs_m.to(tl.int64) * s_ln, lse, mask=offs_m < N)
 
 
 # ------------------------------------------------------------------------------------------
