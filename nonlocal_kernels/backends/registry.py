@@ -65,6 +65,9 @@ class Backend:
     # The torch.library ops it runs ("namespace::name"), each with a fake, a vmap rule and
     # autograd (ops.py); tests/test_conformance.py runs opcheck on every one.
     ops: tuple = ()
+    # A softmax backend's op namespace (its <namespace>::softmax_fwd / softmax_bwd): under a
+    # process group, distributed.py runs these ops itself around its collectives.
+    namespace: Optional[str] = None
 
     @property
     def modes(self) -> tuple:
@@ -105,7 +108,8 @@ def softmax_backend(*, name: str, namespace: str, dispatch_key: str, description
     return Backend(name=name, description=description, families=("softmax",), dtypes=dtypes,
                    devices=devices, run=ops.softmax_runner(name, namespace), priority=priority,
                    unavailable_reason=lambda: reason, how_to_enable=how_to_enable, auto=auto,
-                   ops=(f"{namespace}::softmax_fwd", f"{namespace}::softmax_bwd"))
+                   ops=(f"{namespace}::softmax_fwd", f"{namespace}::softmax_bwd"),
+                   namespace=namespace)
 
 
 _REGISTRY: dict[str, Backend] = {}
