@@ -18,7 +18,10 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
+def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend, min_keys=1):
+    """The checked scale (None for modes without one); raises on bad input, naming the argument.
+    ``min_keys``: the fewest key positions phi may hold (0 for one rank's shard under a group,
+    distributed.py, which checks the group's total)."""
     m = _modes.get(mode)
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
@@ -48,7 +51,7 @@ def _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend):
     if g.shape[:-2] != batch or g.shape[-2] != M:
         raise ValueError(f"g: expected shape ({', '.join(map(str, batch))}, {M}, dv) to match "
                          f"theta's batch dims and phi's M, got {_shape(g)}")
-    if M == 0:
+    if M < min_keys:
         raise ValueError(f"phi: M (number of key positions) must be >= 1, got phi {_shape(phi)}")
     if dk == 0:
         raise ValueError(f"theta: dk (last dim) must be >= 1, got theta {_shape(theta)}")
@@ -103,13 +106,15 @@ def autocast_enabled(device_type: str) -> bool:
 
 def _flatten_batch(t: torch.Tensor) -> torch.Tensor:
     # 3-D stays a view with its own strides; more batch dims are merged (a view when possible).
-    return t if t.dim() == 3 else t.reshape((-1,) + tuple(t.shape[-2:]))
+    # The batch size is spelled out: -1 cannot be inferred for a tensor with no elements (a
+    # rank's empty shard under a group).
+    return t if t.dim() == 3 else t.reshape((math.prod(t.shape[:-2]),) + tuple(t.shape[-2:]))
 
 
 def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *,
                        mode: str = "embedded_gaussian", scale: Optional[float] = None,
                        concat_weight: Optional[torch.Tensor] = None, backend: str = "auto",
-                       return_lse: bool = False):
+                       return_lse: bool = False, group=None):
     """Non-local aggregation y_i = sum_j f(theta_i, phi_j) g_j / C.
 
     theta (..., N, dk), phi (..., M, dk), g (..., M, dv) -> y (..., N, dv), same dtype/device.
@@ -123,23 +128,42 @@ def nonlocal_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, 
 
     ``backend``: "auto" or a name from :func:`available_backends`. The computation runs in the
     input dtype (autocast does not change it; kernels accumulate in float32).
+
+    ``group``: a ``torch.distributed`` process group for context parallelism: the inputs are
+    this rank's shards of the positions (queries and keys), the result is this rank's y (and
+    lse), every rank of the group calls together; see :mod:`nonlocal_kernels.distributed`.
     """
+    if group is not None:
+        from . import distributed
+        return distributed.nonlocal_attention(theta, phi, g, mode=mode, scale=scale,
+                                              concat_weight=concat_weight, backend=backend,
+                                              return_lse=return_lse, group=group)
     scale = _validate(theta, phi, g, mode, scale, concat_weight, return_lse, backend)
     batch, N, dv = theta.shape[:-2], theta.shape[-2], g.shape[-1]
-    t3, p3, g3 = _flatten_batch(theta), _flatten_batch(phi), _flatten_batch(g)
     if N == 0 or dv == 0 or math.prod(batch) == 0:
         # Empty result: the reference computes it for free and keeps the autograd graph.
         chosen = registry.get("reference")
     else:
-        chosen = registry.select(backend, t3, p3, g3, mode)
+        chosen = registry.select(backend, _flatten_batch(theta), _flatten_batch(phi),
+                                 _flatten_batch(g), mode)
+    return run_flat(chosen.run, theta, phi, g, mode=mode, scale=scale,
+                    concat_weight=concat_weight, return_lse=return_lse)
+
+
+def run_flat(run, theta, phi, g, *, mode, scale, concat_weight, return_lse):
+    """``run(theta, phi, g, mode=, scale=, concat_weight=, return_lse=)`` (a backend's ``run``)
+    on validated inputs with their batch dims merged into one, outside autocast; the result
+    with theta's batch dims again."""
+    batch, N, dv = theta.shape[:-2], theta.shape[-2], g.shape[-1]
+    t3, p3, g3 = _flatten_batch(theta), _flatten_batch(phi), _flatten_batch(g)
     # The kernels run in the input dtype: autocast must not re-cast inside the reference path.
     # Only entered when autocast is on (an exported graph then holds the op itself, not an
     # autocast region; devices without autocast, e.g. "meta", never need it).
     device = theta.device.type
     autocasting = autocast_enabled(device)
     with torch.autocast(device, enabled=False) if autocasting else contextlib.nullcontext():
-        out = chosen.run(t3, p3, g3, mode=mode, scale=scale, concat_weight=concat_weight,
-                         return_lse=return_lse)
+        out = run(t3, p3, g3, mode=mode, scale=scale, concat_weight=concat_weight,
+                  return_lse=return_lse)
     if return_lse:
         y, lse = out
         return y.reshape(batch + (N, dv)), lse.reshape(batch + (N,))
