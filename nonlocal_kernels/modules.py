@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from . import modes as _modes
 from .functional import autocast_enabled, nonlocal_attention
 
@@ -144,6 +145,15 @@ def project(x: torch.Tensor, modules: list) -> list:
     return results
 
 
+def _one_more_frame(t: torch.Tensor) -> torch.Tensor:
+    """t (n, C, T, ...) with a zero frame appended along dim 2. PyTorch's conv and pool layers
+    refuse an input without frames, which a rank of a context-parallel group holds when the
+    clip has fewer frames than the group has ranks: its layers run on one zero frame, of which
+    nothing is kept. (Appended to t, so that t's graph stays connected: that rank's backward
+    must still reach the group's collectives.)"""
+    return torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)
+
+
 def _positions(t: torch.Tensor) -> torch.Tensor:
     """(n, C, *spatial) -> (n, P, C) channels-first view, no copy."""
     return t.flatten(2).transpose(1, 2)
@@ -151,18 +161,18 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
 
 def block_attention(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor, *, mode: str,
                     scale: Optional[float], concat_weight: Optional[torch.Tensor],
-                    backend: str) -> torch.Tensor:
+                    backend: str, group=None) -> torch.Tensor:
     """A block's attention on its (n, C, *spatial) feature maps: theta over the query
     positions, phi and g over the (possibly pooled) key positions -> y (n, C_g, *spatial of
     theta), channels-first views in and out (no copies). Under autocast the convs give the
     autocast dtype while x (a Gaussian theta) and a concat weight stay float32: the attention
-    runs in one dtype, the autocast one."""
+    runs in one dtype, the autocast one. ``group``: nonlocal_attention's (this rank's slab)."""
     device = theta.device.type
     dtype = torch.get_autocast_dtype(device) if autocast_enabled(device) else g.dtype
     y = nonlocal_attention(_positions(theta).to(dtype), _positions(phi).to(dtype),
                            _positions(g).to(dtype), mode=mode, scale=scale,
                            concat_weight=None if concat_weight is None
-                           else concat_weight.to(dtype), backend=backend)
+                           else concat_weight.to(dtype), backend=backend, group=group)
     # (n, N, C') -> (n, C', *spatial): a view, no copy.
     return y.transpose(1, 2).reshape((theta.shape[0], y.shape[2]) + tuple(theta.shape[2:]))
 
@@ -181,6 +191,15 @@ class NonLocalBlock(nn.Module):
     Extensions: ``inter_channels`` overrides reduction; ``pool_before_conv=True`` pools x before
     the phi/g convs (Caffe2/SlowFast order, cheaper); ``scale`` (float) overrides the softmax
     scale; ``backend`` is passed to :func:`nonlocal_attention`.
+
+    ``cp_group`` (a torch.distributed process group): context parallelism. Each rank of the
+    group passes its slab of the clip, split along the first dim after the channels
+    (NonLocal3d: frames, (n, C, T_r, H, W), see distributed.shard_frames); the block attends
+    over the whole clip and returns this rank's slab of the output. The 1x1 convs and the
+    spatial max-pool are local; batch norm in training uses the statistics of the whole clip
+    (distributed.batch_norm; a SyncBatchNorm those of its own group). Every rank must call
+    forward and backward together. Parameter gradients are each rank's share: all-reduce
+    them over the group (DDP over it does).
     """
 
     def __init__(self, in_channels: int, dim: int = 2, reduction: int = 2, use_scale: bool = True,
@@ -188,7 +207,8 @@ class NonLocalBlock(nn.Module):
                  norm: Optional[str] = None, zeros_init: bool = True,
                  inter_channels: Optional[int] = None, pool_before_conv: bool = False,
                  scale: Optional[float] = None, backend: str = "auto", std: float = 0.01,
-                 norm_cfg: Optional[dict] = None, conv_cfg: Optional[dict] = None):
+                 norm_cfg: Optional[dict] = None, conv_cfg: Optional[dict] = None,
+                 cp_group=None):
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim: expected 1, 2 or 3, got {dim!r}")
@@ -207,6 +227,10 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"scale: applies to the softmax modes only, not {mode!r}")
         if pool_before_conv and not sub_sample:
             raise ValueError("pool_before_conv: needs sub_sample=True")
+        if cp_group is not None and sub_sample and dim < 3:
+            raise ValueError("cp_group: with sub_sample, a 1-D or 2-D block pools the dim the "
+                             "group splits; only NonLocal3d (it pools H and W, never T) can be "
+                             "sub-sampled under context parallelism")
 
         self.dim = dim
         self.in_channels = in_channels
@@ -218,6 +242,7 @@ class NonLocalBlock(nn.Module):
         self.norm = None if norm_layer is None else "bn"
         self.pool_before_conv = pool_before_conv
         self.backend = backend
+        self.cp_group = cp_group
         if scale is not None:
             self.scale = float(scale)
         elif mode == "embedded_gaussian" and use_scale:
@@ -271,6 +296,14 @@ class NonLocalBlock(nn.Module):
                 f"backend={self.backend!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cp_group is None:
+            return self._forward(x)
+        # Every rank must reach the attention's collectives: an error before them (a bad input,
+        # a local layer) is reported to the whole group, which then raises on every rank.
+        with _distributed.report_errors(self.cp_group):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.dim + 2:
             raise ValueError(f"x: expected a {self.dim + 2}-D input (n, C, "
                              f"{', '.join('THW'[3 - self.dim:])}), got shape {tuple(x.shape)}")
@@ -282,20 +315,47 @@ class NonLocalBlock(nn.Module):
             if small:
                 raise ValueError(f"x: sub_sample pools space by 2, so every spatial size must "
                                  f"be >= 2; got shape {tuple(x.shape)}")
-        kv_in = self.pool(x) if self.pool is not None else x
+        no_frames = self.cp_group is not None and x.shape[2] == 0
+        xs = _one_more_frame(x) if no_frames else x
+        kv_in = self.pool(xs) if self.pool is not None else xs
         if self.mode == "gaussian":  # theta = x, phi = x (pooled when sub-sampling)
-            theta, g = x, self.g(kv_in)
-            phi = self.phi(x) if self.sub_sample and self.pool is None else kv_in
+            theta, g = xs, self.g(kv_in)
+            phi = self.phi(xs) if self.sub_sample and self.pool is None else kv_in
         elif self.pool is None:
-            theta, phi, g = project(x, [self.theta, self.phi, self.g])
+            theta, phi, g = project(xs, [self.theta, self.phi, self.g])
         else:
-            theta, (phi, g) = self.theta(x), project(kv_in, [self.phi, self.g])
+            theta, (phi, g) = self.theta(xs), project(kv_in, [self.phi, self.g])
+        if no_frames:  # keep no position of the zero frame
+            theta, phi, g = (t[:, :, :0] for t in (theta, phi, g))
         concat_weight = None
         if _modes.get(self.mode).takes_concat_weight:
             concat_weight = self.concat_project.conv.weight.reshape(-1)
         y = block_attention(theta, phi, g, mode=self.mode, scale=self.scale,
-                            concat_weight=concat_weight, backend=self.backend)
-        return x + self.conv_out(y)
+                            concat_weight=concat_weight, backend=self.backend,
+                            group=self.cp_group)
+        return x + self._conv_out(y)
+
+    def _conv_out(self, y: torch.Tensor) -> torch.Tensor:
+        if self.cp_group is None:
+            return self.conv_out(y)
+        # Its layers in order; a batch norm takes the statistics of the whole clip (a
+        # SyncBatchNorm those of its own group, which holds the clip's ranks and maybe more).
+        for layer in self.conv_out.children():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                group = self.cp_group
+                if isinstance(layer, nn.SyncBatchNorm):
+                    group = layer.process_group or torch.distributed.group.WORLD
+                y = _distributed.batch_norm(y, layer, group)
+            elif isinstance(layer, (nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+                                    nn.modules.instancenorm._InstanceNorm)):
+                raise ValueError(f"cp_group: {type(layer).__name__} after conv_out normalises "
+                                 f"over positions that other ranks hold; under context "
+                                 f"parallelism only batch norm is synchronised")
+            elif y.shape[2] == 0:  # a rank without frames
+                y = layer(_one_more_frame(y))[:, :, :0]
+            else:
+                y = layer(y)
+        return y
 
 
 class NonLocal1d(NonLocalBlock):
