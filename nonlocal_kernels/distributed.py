@@ -28,10 +28,15 @@ Gradients. A rank's concat_weight gradient is its own share: the sum over the gr
 gradient of the whole clip (parameters are replicated, so all-reduce their gradients over the
 group, as DDP does). Second derivatives are exact where the backend's are (reference; the
 dot_product family, whose collectives are all-reduces), and otherwise raise at the second
-backward before any collective, naming backend='reference'. torch.func (grad, vmap, jacrev)
-works: every collective runs inside an autograd.Function with a vmap rule that folds the
-vmapped dim into the batch (every rank must transform alike). torch.compile does not trace the
-collectives.
+backward before any collective, naming backend='reference' (a rank without queries has a
+constant, empty first derivative; PyTorch says so). torch.func: every collective runs inside
+an autograd.Function whose vmap rule folds the vmapped dim into the batch, after checking that
+every rank vmaps over the same size, so grad, vmap of the whole computation and per-sample
+gradients (vmap of grad) work. A backward under a vmap its forward did not have (jacrev, vmap
+over a vjp) holds cotangents of this rank's own outputs, which a sum over the group would mix
+with other ranks' cotangents of other outputs: it raises where a gradient crosses the group
+(jacrev with respect to a rank's own queries works). torch.compile runs the collectives
+eagerly (graph breaks; fullgraph=True is refused by dynamo).
 
 Every call starts with an all-gather of each rank's shapes and arguments (a few int64s), so
 that bad use raises the same clear error on every rank instead of a hang: batch, dk, dv, dtype,
@@ -383,9 +388,10 @@ def _batched_gradient_error() -> RuntimeError:
 
 
 def _vmap_levels() -> frozenset:
-    """The levels of the torch.func vmaps active now."""
+    """The levels of the torch.func vmaps active now (empty where torch cannot say)."""
     from torch._functorch import pyfunctorch
-    return frozenset(i.level() for i in pyfunctorch.retrieve_all_functorch_interpreters()
+    interpreters = getattr(pyfunctorch, "retrieve_all_functorch_interpreters", lambda: [])()
+    return frozenset(i.level() for i in interpreters
                      if i.key() == torch._C._functorch.TransformType.Vmap)
 
 
@@ -408,6 +414,25 @@ def _fold(info, in_dims, args, comm) -> list:
     return ops.fold_batch(info, in_dims, args)
 
 
+def _rows_setup_context(ctx, inputs, output):
+    ctx.comm, ctx.counts, ctx.who, a, b = inputs
+    ctx.width, ctx.has_b = a.shape[-1], b is not None
+    ctx.vmap_levels = _vmap_levels()
+
+
+def _rows_backward(adjoint, ctx, d, who) -> tuple:
+    """The gradients of GatherRows / ScatterRows: their adjoint applied to d, split like the
+    inputs (a, b)."""
+    _check_cotangents(ctx)
+    da, db = _split(adjoint.apply(ctx.comm, ctx.counts, who, d, None), ctx.width, ctx.has_b)
+    return None, None, None, da, db
+
+
+def _rows_vmap(cls, info, in_dims, comm, counts, who, a, b):
+    a, b = _fold(info, in_dims[3:], (a, b), comm)
+    return ops.unfold_batch(cls.apply(comm, counts, who, a, b), info.batch_size)
+
+
 @ops.fast_apply
 class GatherRows(torch.autograd.Function):
     """``apply(comm, counts, who, a, b) -> (B, M, da + db)``: gather_rows of (a, b); b may be
@@ -418,23 +443,15 @@ class GatherRows(torch.autograd.Function):
     def forward(comm, counts, who, a, b):
         return gather_rows(comm, counts, (a, b))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.counts, ctx.who, a, b = inputs
-        ctx.width, ctx.has_b = a.shape[-1], b is not None
-        ctx.vmap_levels = _vmap_levels()
+    setup_context = staticmethod(_rows_setup_context)
 
     @staticmethod
     def backward(ctx, dX):
-        _check_cotangents(ctx)
-        da, db = _split(ScatterRows.apply(ctx.comm, ctx.counts, ctx.who, dX, None), ctx.width,
-                        ctx.has_b)
-        return None, None, None, da, db
+        return _rows_backward(ScatterRows, ctx, dX, ctx.who)
 
     @staticmethod
-    def vmap(info, in_dims, comm, counts, who, a, b):
-        a, b = _fold(info, in_dims[3:], (a, b), comm)
-        return ops.unfold_batch(GatherRows.apply(comm, counts, who, a, b), info.batch_size)
+    def vmap(info, in_dims, *args):
+        return _rows_vmap(GatherRows, info, in_dims, *args)
 
 
 @ops.fast_apply
@@ -446,25 +463,17 @@ class ScatterRows(torch.autograd.Function):
     def forward(comm, counts, who, a, b):
         return scatter_rows(comm, counts, (a, b))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.comm, ctx.counts, ctx.who, a, b = inputs
-        ctx.width, ctx.has_b = a.shape[-1], b is not None
-        ctx.vmap_levels = _vmap_levels()
+    setup_context = staticmethod(_rows_setup_context)
 
     @staticmethod
     def backward(ctx, dx):
         if ctx.who is not None:
             raise _refuse_double_backward(ctx.who)
-        _check_cotangents(ctx)
-        da, db = _split(GatherRows.apply(ctx.comm, ctx.counts, None, dx, None), ctx.width,
-                        ctx.has_b)
-        return None, None, None, da, db
+        return _rows_backward(GatherRows, ctx, dx, None)
 
     @staticmethod
-    def vmap(info, in_dims, comm, counts, who, a, b):
-        a, b = _fold(info, in_dims[3:], (a, b), comm)
-        return ops.unfold_batch(ScatterRows.apply(comm, counts, who, a, b), info.batch_size)
+    def vmap(info, in_dims, *args):
+        return _rows_vmap(ScatterRows, info, in_dims, *args)
 
 
 @ops.fast_apply
