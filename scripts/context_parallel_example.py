@@ -1,5 +1,5 @@
 """One training step of a NonLocal3d block whose clip is split by frames over the processes of
-a group (context parallelism, docs/design.md section 9):
+a group (context parallelism, docs/design.md section 10):
 
     torchrun --nproc_per_node=4 scripts/context_parallel_example.py     # gloo on CPU, NCCL on GPUs
 
