@@ -154,6 +154,17 @@ def _one_more_frame(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(t.shape[:2] + (1,) + t.shape[3:])], 2)
 
 
+class _Shared:
+    """A process group held by a module: a deep copy of the module (an EMA copy, say) shares it,
+    since a group is a handle on this process's communicators, not data."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _positions(t: torch.Tensor) -> torch.Tensor:
     """(n, C, *spatial) -> (n, P, C) channels-first view, no copy."""
     return t.flatten(2).transpose(1, 2)
@@ -267,6 +278,15 @@ class NonLocalBlock(nn.Module):
             else:
                 self.phi = _POOL[dim]()
         self.init_weights(std=std, zeros_init=zeros_init)
+
+    @property
+    def cp_group(self):
+        """The context-parallel process group (None: the whole clip is here)."""
+        return self._cp_group.value
+
+    @cp_group.setter
+    def cp_group(self, group):
+        self._cp_group = _Shared(group)
 
     def _conv_modules(self):
         for name in ("g", "theta", "phi"):
