@@ -365,9 +365,11 @@ def test_a_device_the_group_cannot_send_is_refused_on_every_rank():
 # Modules and helpers
 # ------------------------------------------------------------------------------------------
 def _module_case(mode, P, T, *, sub_sample=True, norm="bn", train=True, pool_before_conv=False,
-                 backend="auto"):
+                 backend="auto", sync_bn=False):
     kw = dict(mode=mode, sub_sample=sub_sample, norm=norm, zeros_init=False,
               pool_before_conv=pool_before_conv, backend=backend)
+    if sync_bn:  # mmcv's SyncBN: its statistics over its own process group
+        kw.update(norm=None, norm_cfg=dict(type="SyncBN"))
     block = nk.NonLocal3d(6, **kw).double().train(train)
     if norm and not train:  # running statistics that are not the defaults
         block.conv_out.bn.running_mean.normal_()
@@ -382,6 +384,8 @@ def _module_case(mode, P, T, *, sub_sample=True, norm="bn", train=True, pool_bef
     def rank_run(rank, group):
         b = nk.NonLocal3d(6, cp_group=group, **kw).double().train(train)
         b.load_state_dict(state)
+        if sync_bn:
+            b.conv_out.bn.process_group = group
         assert copy.deepcopy(b).cp_group is group  # a copy (EMA, say) shares the group
         xl = _leaf(distributed.shard_frames(x, group))
         zl = b(xl)
@@ -412,8 +416,9 @@ def test_nonlocal3d_on_a_group_matches_the_whole_clip(mode):
     _module_case(mode, 3, 4, sub_sample=False, train=False)
 
 
-def test_nonlocal3d_on_a_group_pool_before_conv_and_the_reference_backend():
+def test_nonlocal3d_on_a_group_pool_before_conv_sync_bn_and_the_reference_backend():
     _module_case("embedded_gaussian", 2, 3, pool_before_conv=True)
+    _module_case("embedded_gaussian", 2, 3, sync_bn=True)
     _module_case("dot_product", 3, 4, norm=None, backend="reference")
 
 
