@@ -102,6 +102,22 @@ def make_inputs(B: int, N: int, M: int, dk: int, dv: int, *, dtype=torch.float32
     return tuple(out)
 
 
+def shape_for(backend, dtype: torch.dtype, shape: tuple, mode: str, device) -> Optional[tuple]:
+    """A test shape (B, N, M, dk, dv) that ``backend`` (a registry.Backend) runs in ``dtype`` on
+    ``device``: ``shape``, or ``shape`` with dv = dk when it takes only that (sdpa); None when
+    it takes neither (then the test leaves that dtype out)."""
+    B, N, M, dk, _ = shape
+    for s in (shape, (B, N, M, dk, dk)):
+        reason = backend.check_call(mode, dtype, torch.device(device).type)
+        if reason is None and backend.accepts is not None:
+            t, p, g = (torch.empty(B, n, d, dtype=dtype, device=device)
+                       for n, d in ((N, dk), (M, dk), (M, s[4])))
+            reason = backend.accepts(t, p, g, mode)
+        if reason is None:
+            return s
+    return None
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (a kernel that fails to write an element then fails every check)."""
     return t.fill_(float("nan"))

@@ -31,7 +31,7 @@ import nonlocal_kernels as nk
 from nonlocal_kernels import modes, ops
 from nonlocal_kernels.backends import registry
 from nonlocal_kernels.testing import (assert_all_ok, check_close, compare_with_oracle,
-                                      make_inputs)
+                                      make_inputs, shape_for)
 
 HAS_CUDA = torch.cuda.is_available()
 LAYOUTS = ("contiguous", "channels_first", "strided")
@@ -55,24 +55,9 @@ def _id(x):
     return str(x).replace("torch.", "")
 
 
-def _refusal(b, dtype, shape, mode=None):
-    """Why b refuses a call of this dtype and shape (B, N, M, dk, dv) on its device, or None."""
-    B, N, M, dk, dv = shape
-    mode = mode or b.modes[0]
-    reason = b.check_call(mode, dtype, _device(b))
-    if reason is None and b.accepts is not None:
-        t, p, g = (torch.empty(B, n, d, dtype=dtype, device=_device(b))
-                   for n, d in ((N, dk), (M, dk), (M, dv)))
-        reason = b.accepts(t, p, g, mode)
-    return reason
-
-
 def _shape_for(b, dtype, shape=SHAPE, mode=None):
     """shape, or shape with dv = dk when b takes only that; None when it takes neither."""
-    for s in (shape, shape[:4] + (shape[3],)):
-        if _refusal(b, dtype, s, mode) is None:
-            return s
-    return None
+    return shape_for(b, dtype, shape, mode or b.modes[0], _device(b))
 
 
 def _dtypes(b):

@@ -198,4 +198,5 @@ BACKEND = register(Backend(
     accepts=_accepts,
     deterministic=("cpu",),
     ops=(f"{NAMESPACE}::softmax_fwd", f"{NAMESPACE}::softmax_bwd"),
+    namespace=NAMESPACE,
 ))
