@@ -84,7 +84,8 @@ class PatchFinder(nn.Module):
         channels = width + frames
         self.block = nn.Identity()
         if nonlocal_block:
-            self.block = NonLocal3d(channels, inter_channels=width, use_scale=False, backend=backend)
+            self.block = NonLocal3d(channels, inter_channels=width, use_scale=False,
+                                    backend=backend)
             with torch.no_grad():
                 w = self.block.theta.conv.weight
                 w.normal_(0, width ** -0.5)
@@ -146,40 +147,67 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+BACKENDS = ("auto", "reference")
+
+
+def _primed(args, backend: str, gen: torch.Generator):
+    """A model and optimizer after one step on two clips (what is allocated once: thread
+    pools, the optimizer's state), and a batch."""
+    model, opt, device = build(args, backend)
+    train_step(model, opt, *(t.to(device) for t in make_clips(2, args.frames, args.size,
+                                                              args.patch, gen)))
+    clips, labels = make_clips(args.batch, args.frames, args.size, args.patch, gen)
+    return model, opt, clips.to(device), labels.to(device)
+
+
 def measure(args) -> dict:
-    """Median time of ``--measure-steps`` training steps (after one warm-up step) on
-    ``args.measure``, and the peak memory of the steps above what model and batch hold."""
-    model, opt, device = build(args, args.measure)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    clips, labels = (t.to(device) for t in make_clips(args.batch, args.frames, args.size,
-                                                      args.patch, gen))
+    """``--measure memory:BACKEND``: the peak memory of ``--measure-steps`` training steps on
+    BACKEND above what the primed model, optimizer and batch hold. ``--measure time``: the
+    median time of a step on each backend, timed in rounds of one step each (the order turned
+    every round, after a round of warm-up), so that a shared machine's changes of speed hit
+    both alike."""
+    device = torch.device(args.device)
     cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    if args.measure == "time":
+        runs = {b: _primed(args, b, gen) for b in BACKENDS}
+        times = {b: [] for b in BACKENDS}
+        for i in range(args.measure_steps + 1):
+            for b in BACKENDS[::-1] if i % 2 else BACKENDS:
+                t0 = time.perf_counter()
+                train_step(*runs[b])  # .item() waits for the GPU
+                times[b].append(time.perf_counter() - t0)
+        return {b: statistics.median(t[1:]) * 1e3 for b, t in times.items()}
+    run = _primed(args, args.measure.split(":", 1)[1], gen)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss()
-    times = []
-    for _ in range(args.measure_steps + 1):
-        t0 = time.perf_counter()
-        train_step(model, opt, clips, labels)  # .item() waits for the GPU
-        times.append(time.perf_counter() - t0)
+    for _ in range(args.measure_steps):
+        train_step(*run)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    return {"ms": statistics.median(times[1:]) * 1e3, "peak_mb": max(peak, 0) / 2**20}
+    return {"peak_mb": max(peak, 0) / 2**20}
 
 
-def compare_backends(args, argv: list) -> dict:
-    out = {}
-    for backend in ("auto", "reference"):
-        cmd = [sys.executable, "-m", "nonlocal_kernels.examples.train", *argv,
-               "--measure", backend]
+def compare_backends(argv: list) -> dict:
+    """{backend: {"ms": ..., "peak_mb": ...}}: each backend's memory in a fresh process, then
+    both timed in one more."""
+    out = {b: {} for b in BACKENDS}
+    for what in [f"memory:{b}" for b in BACKENDS] + ["time"]:
+        cmd = [sys.executable, "-m", "nonlocal_kernels.examples.train", *argv, "--measure", what]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TRAIN-MEASURE ")]
         if proc.returncode != 0 or not line:
-            raise RuntimeError(f"measuring backend {backend!r} failed:\n{proc.stderr[-3000:]}")
-        out[backend] = json.loads(line[0].split(" ", 1)[1])
+            raise RuntimeError(f"measuring {what} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(line[0].split(" ", 1)[1])
+        if what == "time":
+            for b in BACKENDS:
+                out[b]["ms"] = res[b]
+        else:
+            out[what.split(":")[1]].update(res)
     return out
 
 
@@ -292,10 +320,11 @@ def main(argv=None) -> int:
                "backend_picked": picked, "train_s": train_s, "held_out_accuracy": held_out,
                "chance": 1 / classes, "loss": history["loss"], "accuracy": history["accuracy"]}
     if args.measure_steps > 0 and not args.no_nonlocal:
-        cmp = compare_backends(args, [a for a in argv if a != "--no-nonlocal"])
+        cmp = compare_backends([a for a in argv if a != "--no-nonlocal"])
         results["per_step"] = cmp
-        print(f"\ntraining step (forward, backward, Adam), batch {args.batch}, N = M = {N}, "
-              f"median of {args.measure_steps} after a warm-up, each in a fresh process:")
+        print(f"\ntraining step (forward, backward, Adam), batch {args.batch}, N = M = {N}: "
+              f"median of {args.measure_steps} steps in alternation after a warm-up; peak "
+              f"memory of each in a fresh process:")
         print("| backend | ms per step | peak memory MB |\n|---|---|---|")
         for name, r in cmp.items():
             label = f"auto ({auto})" if name == "auto" else name
