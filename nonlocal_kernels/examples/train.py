@@ -77,7 +77,6 @@ class PatchFinder(nn.Module):
     def __init__(self, frames: int, width: int = 32, backend: str = "auto",
                  nonlocal_block: bool = True):
         super().__init__()
-        self.frames = frames
         self.stem = nn.Sequential(
             nn.Conv3d(3, width, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(width), nn.ReLU(),
             nn.Conv3d(width, width, 1), nn.BatchNorm3d(width), nn.ReLU())
@@ -101,12 +100,6 @@ class PatchFinder(nn.Module):
         h = self.block(torch.cat([h, code.expand(n, T, T, H, W)], 1))
         h = self.head(h[:, :, 0]).amax(dim=(2, 3))  # frame 0, its strongest responses
         return self.classify(h)                     # (n, T - 1): which frame holds the copy
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    for m in model.modules():
-        if isinstance(m, NonLocal3d):
-            m.backend = backend
 
 
 def build(args, backend: str):
