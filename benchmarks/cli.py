@@ -15,6 +15,7 @@ import sys
 import torch
 
 from nonlocal_kernels import modes
+from nonlocal_kernels.progress import Progress
 
 from .cases import PRESETS, parse_shape
 from .runner import measure, measure_in_subprocess, time_interleaved
@@ -125,6 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--fwd-only", action="store_true", help="skip forward+backward")
     p.add_argument("--out", default="benchmarks/out", help="folder for results and plots")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--progress", default="auto", choices=["auto", "live", "compact", "off"],
+                   help="progress on stderr: cases done, the case running, elapsed time (auto: "
+                   "a live line on a terminal, a line per case otherwise)")
     args = p.parse_args(argv)
     if args.quick:
         args.preset = args.preset or "quick"
@@ -156,7 +160,8 @@ def main(argv=None) -> int:
           f"machine: {machine}\nmethods: {', '.join(methods)}\n", flush=True)
 
     rows = []
-    for case in cases:
+    progress = Progress(len(cases), "cases", mode=args.progress)
+    for done, case in enumerate(cases):
         common = {"case": [case.B, case.N, case.M, case.dk, case.dv], "mode": args.mode,
                   "dtype": dtype, "device": str(device)}
         case_rows = {}
@@ -165,6 +170,7 @@ def main(argv=None) -> int:
                    "fwd_flops": case.fwd_flops(), "fwd_bwd_flops": case.fwd_bwd_flops(),
                    "status": "ok"}
             for step in steps:
+                progress.update(done, f"{case.shape}: {method} {step} memory")
                 spec = dict(common, method=method, steps=[step])
                 res = (measure(spec) if device.type == "cuda" else
                        measure_in_subprocess(spec, args.timeout, args.mem_limit_gb))
@@ -178,6 +184,7 @@ def main(argv=None) -> int:
                  for step in steps}
         timed = {step: names for step, names in timed.items() if names}
         if timed:
+            progress.update(done, f"{case.shape}: timing")
             spec = dict(common, methods=sorted({m for ms in timed.values() for m in ms},
                                                key=methods.index),
                         steps=timed, repeats=args.repeats, warmup=args.warmup,
@@ -190,12 +197,15 @@ def main(argv=None) -> int:
                 case_rows[m].update(r)
                 if status != "ok" and case_rows[m]["status"] == "ok":
                     case_rows[m]["status"] = status
+        progress.clear()  # a live line leaves the terminal to the rows printed below
         for row in case_rows.values():
             rows.append(row)
             print(f"  {case.shape} {row['method']}: fwd {_fmt_ms(row.get('fwd_ms'))} ms, fwd+bwd "
                   f"{_fmt_ms(row.get('fwd_bwd_ms'))} ms, peak "
                   f"{_fmt_mb(row.get('peak_fwd_bwd_bytes') or row.get('peak_fwd_bytes'))} MB "
                   f"[{row['status']}]", flush=True)
+        progress.update(done + 1, f"{case.shape} done")
+    progress.close()
 
     table = format_table(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
