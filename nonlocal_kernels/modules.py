@@ -121,10 +121,9 @@ def project(x: torch.Tensor, modules: list) -> list:
     """[m(x) for m in modules] for projections of x (1x1 convs, possibly wrapped and followed by
     max-pools: _conv_parts), with the convs as one GEMM when there are two or more: x is read
     once, (sum C_out, C) times (C, positions) per batch element with the weights concatenated,
-    each conv's output a slice of the product, then its pools. Forward+backward of the three
-    projections of a Non-local block at the I3D res3 size is 1.5-2.5x faster on this CPU than
-    three separate convs (benchmarks/results/blocks-2026-11-30.md). Modules that are anything
-    else run as they are."""
+    each conv's output a slice of the product, then its pools (whole blocks' time and memory:
+    benchmarks/results/blocks-2026-11-30.md). Modules that are anything else run as they
+    are."""
     parts = [_conv_parts(m) for m in modules]
     if len(modules) < 2 or any(p is None or p[0].in_channels != x.shape[1]
                                or p[0].weight.dim() != x.dim() for p in parts):
