@@ -54,13 +54,13 @@ def mmaction2_i3d():
     model = ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
                      non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
                      non_local_cfg=cfg)
-    return model, (2, 3, 4, 32, 32), 5
+    return model, (2, 3, 4, 64, 64), 5
 
 
 def timm_resnet18():
     import timm
     model = timm.create_model("resnet18", block_args=dict(attn_layer="nl"), num_classes=3)
-    return model, (2, 3, 48, 40), 8
+    return model, (2, 3, 64, 64), 8
 
 
 def pytorchvideo_net():
@@ -73,7 +73,7 @@ def pytorchvideo_net():
         create_nonlocal(dim_in=8, dim_inner=4),
         create_res_basic_head(in_features=8, out_features=3, pool_kernel_size=(2, 4, 4),
                               dropout_rate=0.0))
-    return model, (2, 3, 2, 16, 16), 2
+    return model, (2, 3, 2, 32, 32), 2
 
 
 def ours():
@@ -170,3 +170,56 @@ def test_compile_fullgraph_whole_model_matches_eager(name, dtype):
     assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
     assert count_calls(graphs["forward"][0], SOFTMAX_FWD) == blocks
     assert count_calls(graphs["backward"][0], SOFTMAX_BWD) == blocks
+
+
+@pytest.mark.parametrize("name", ["pytorchvideo", "ours"])
+def test_compile_new_input_sizes_recompile_once(name):
+    # Dynamo compiles the first size statically, the second one with dynamic sizes (the ops'
+    # fakes compute the shapes), and reuses that graph for a third: two compilations in all.
+    original, converted, shape, blocks = build(name)
+    converted.eval()
+    backend, graphs = graph_recorder()
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, fullgraph=True, backend=backend)
+    n, c, t, h, w = shape
+    for size in ((n, c, t, h, w), (n + 1, c, t + 2, h + 4, w + 2), (n + 2, c, t + 1, h + 6, w + 6)):
+        x = torch.randn(size, dtype=torch.float64)
+        with torch.no_grad():
+            ref64 = copy.deepcopy(original).eval().double()(x)
+            lp = original.eval()(x.float())
+            out = compiled(x.float())
+        assert_all_ok([check_close(out, lp, ref64, name=f"y at {tuple(size)}")])
+    assert len(graphs["forward"]) == 2, "a third input size compiled again"
+    dynamic = graphs["forward"][1]
+    calls = [node for node in dynamic.graph.nodes if node.target == SOFTMAX_FWD]
+    assert len(calls) == blocks
+    # The op's output shapes are symbolic in the dynamic graph: its fake did the shape work.
+    assert all(not isinstance(s, int) for s in calls[0].meta["val"][0].shape[:2])
+
+
+# ------------------------------------------------------------------------------------------
+# 2. torch.export
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_whole_model_one_op_per_block(name):
+    original, converted, shape, blocks = build(name)
+    converted.eval()
+    original.eval()
+    x = torch.randn(shape)
+    auto = torch.export.Dim.AUTO
+    dims = {0: auto, len(shape) - 2: auto, len(shape) - 1: auto}  # batch, height, width
+    ep = torch.export.export(converted, (x,), dynamic_shapes=(dims,))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and n.target == SOFTMAX_FWD]
+    assert len(calls) == blocks, ep.graph
+    # The batch is symbolic in the op's output: its fake computed it.
+    assert not isinstance(calls[0].meta["val"][0].shape[0], int)
+    # Spatial sizes past 32 (64 for the 3-D ResNet) leave no dim of size 1 at the last stage,
+    # which export would specialise.
+    bigger = (shape[0] + 1,) + shape[1:-2] + (shape[-2] + 32, shape[-1] + 32)
+    for size in (shape, bigger):
+        x = torch.randn(size, dtype=torch.float64)
+        with torch.no_grad():
+            ref64 = copy.deepcopy(original).double()(x)
+            lp = original(x.float())
+            out = ep.module()(x.float())
+        assert_all_ok([check_close(out, lp, ref64, name=f"y at {tuple(size)}")])
