@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_kernels as nk
-from nonlocal_kernels.convert import ConvertedNonLocal, _find
+from nonlocal_kernels.convert import ConvertedNonLocal
 
 from peers import (non_local_concatenation, non_local_dot_product, non_local_embedded_gaussian,
-                   non_local_gaussian, slowfast_nonlocal_helper)
+                   non_local_gaussian, randomize, slowfast_nonlocal_helper)
 
 mmcv_nl = pytest.importorskip("mmcv.cnn.bricks.non_local")
 ptv_nl = pytest.importorskip("pytorchvideo.layers.nonlocal_net")
@@ -39,22 +39,6 @@ def import_mmaction():
     from mmaction.models.backbones.resnet3d import ResNet3d
     from mmaction.models.backbones.resnet_tsm import ResNetTSM
     return ResNet3d, ResNetTSM
-
-
-def randomize(model: nn.Module) -> nn.Module:
-    """Random non-zero weights in every Non-local block (the peers zero-initialise their output
-    layers, which makes a fresh block the identity) and BN statistics away from (0, 1); the
-    rest of a backbone keeps its own initialisation."""
-    blocks = [m for m in model.modules() if _find(m) is not None]
-    with torch.no_grad():
-        for block in blocks:
-            for p in block.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
-            for m in block.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.1)
-                    m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-    return model
 
 
 def close(a, b, what, scale=None):

@@ -37,7 +37,10 @@ from nonlocal_kernels.testing import assert_all_ok, check_close, max_abs, max_ab
 
 # The peers, onnx and onnxruntime are test dependencies (`make test` installs them); a machine
 # without them (the GPU machine) skips this file, as tests/test_convert.py.
-from test_convert import import_mmaction, randomize  # noqa: E402
+from peers import randomize
+from test_convert import import_mmaction  # noqa: E402
+from test_mixed_precision import (assert_autocast_matches_reference_path, checks,  # noqa: E402
+                                  fwd_bwd, upstream)
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -90,43 +93,16 @@ MODELS = {"mmaction2_i3d": mmaction2_i3d, "timm_resnet18": timm_resnet18,
           "pytorchvideo": pytorchvideo_net, "ours": ours}
 
 
-def build(name):
-    """(original with random Non-local weights, converted copy, input shape, blocks)."""
+def build(name, small=False, std=0.3):
+    """(original with random Non-local weights of ``std``, converted copy, input shape,
+    blocks). ``small``: at most 32 x 32 frames (the export tests need more: see there)."""
     original, shape, blocks = MODELS[name]()
-    original = randomize(original)
+    if small:
+        shape = shape[:-2] + (min(shape[-2], 32), min(shape[-1], 32))
+    original = randomize(original, std)
     converted = nk.convert(copy.deepcopy(original))
     assert len(nk.converted_blocks(converted)) == (0 if name == "ours" else blocks)
     return original, converted, shape, blocks
-
-
-def fwd_bwd(model, x, dy):
-    """(y, [dx, every parameter's gradient]) of one forward of ``model`` on ``x`` and a
-    backward of upstream gradient ``dy``."""
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    y = model(x)
-    y.backward(dy.to(y.dtype))
-    grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
-                        for p in model.parameters()]
-    return y.detach(), grads
-
-
-def upstream(model, x):
-    """A fresh random upstream gradient shaped like model(x) (float64)."""
-    with torch.no_grad():
-        shape = copy.deepcopy(model).double()(x.double()).shape
-    return torch.randn(shape, dtype=torch.float64)
-
-
-def checks(out, lp, ref64):
-    """The tolerance rule on (y, grads) against (y, grads) of the dtype under test and of
-    float64: y, dx, and all parameter gradients as one vector (one scale for every parameter,
-    as tests/test_convert.py does: a gradient that is zero in exact arithmetic holds only
-    rounding of the rest)."""
-    flat = [torch.cat([g.flatten().to(r[1][0].dtype) for g in r[1][1:]]) for r in (out, lp, ref64)]
-    return [check_close(out[0], lp[0], ref64[0], name="y"),
-            check_close(out[1][0], lp[1][0], ref64[1][0], name="dx", grad=True),
-            check_close(flat[0], flat[1], flat[2], name="parameter grads", grad=True)]
 
 
 def graph_recorder():
@@ -154,7 +130,7 @@ def count_calls(gm, target) -> int:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compile_fullgraph_whole_model_matches_eager(name, dtype):
-    original, converted, shape, blocks = build(name)
+    original, converted, shape, blocks = build(name, small=True)
     x = torch.randn(shape, dtype=torch.float64)
     dy = upstream(original, x)
     # The unconverted model in eager mode, in float64 and in the dtype under test (copies: the
@@ -322,3 +298,22 @@ def test_onnx_refuses_concatenation_and_names_the_way_out(tmp_path):
     with torch.no_grad():
         want = block(x)
     assert max_abs_diff(onnx_run(tmp_path / "concat.onnx", x), want) <= 1e-5 * max_abs(want)
+
+
+# ------------------------------------------------------------------------------------------
+# 5. torch.autocast (bfloat16 on CPU; tests/test_mixed_precision.py has float16, CUDA and the
+#    float16 overflow of the naive path)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_autocast_bf16_whole_model_matches_its_reference_path(name):
+    # Non-local weights of std 0.1: with 0.3, the I3D backbone's five blocks (no scale on the
+    # logits) make outputs of thousands, where bfloat16 has nothing left to compare.
+    original, converted, shape, blocks = build(name, small=True, std=0.1)
+    # torch 2.14.1's CPU bfloat16 weight gradient of a Conv3d with a (3, 1, 1) kernel (the
+    # I3D backbone's temporal convolutions) is wrong, with or without this library: inf, NaN
+    # or values of 1e23 where the float64 gradient is about 80, in the unconverted model as
+    # well. Those weights' gradients are left out; every other gradient is compared.
+    broken = [f"{n}.weight" for n, m in converted.named_modules()
+              if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1 and m.kernel_size[1:] == (1, 1)]
+    assert_autocast_matches_reference_path(original, converted, torch.randn(shape),
+                                           torch.bfloat16, skip_params=broken)
