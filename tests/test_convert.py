@@ -158,13 +158,22 @@ def test_no_n_by_m_tensor_in_a_converted_block(mode):
     assert_no_affinity(block, torch.randn(2, 6, 3, 6, 5), N=90, M=18)
 
 
-def test_mmaction2_i3d_nl_and_tsm_nl_backbones():
-    ResNet3d, ResNetTSM = import_mmaction()
-    nl_cfg = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
+I3D_NL_CFG = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
                   norm_cfg=dict(type="BN3d", requires_grad=True))
-    i3d = ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
-                   non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
-                   non_local_cfg=nl_cfg)
+
+
+def mmaction2_i3d_nl():
+    """mmaction2's I3D-NL backbone (ResNet3d-50 with 5 Non-local blocks) at base width 8."""
+    ResNet3d, _ = import_mmaction()
+    return ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
+                    non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
+                    non_local_cfg=I3D_NL_CFG)
+
+
+def test_mmaction2_i3d_nl_and_tsm_nl_backbones():
+    _, ResNetTSM = import_mmaction()
+    nl_cfg = I3D_NL_CFG
+    i3d = mmaction2_i3d_nl()
     # Two clips and 64 x 64 frames: train-mode batch norm over fewer elements at the last
     # stage is so ill-conditioned that float64 rounding alone moves dx by 1e-8 relative.
     check_conversion(i3d, torch.randn(2, 3, 4, 64, 64), expect=5)

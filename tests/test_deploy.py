@@ -38,7 +38,7 @@ from nonlocal_kernels.testing import assert_all_ok, check_close, max_abs, max_ab
 # The peers, onnx and onnxruntime are test dependencies (`make test` installs them); a machine
 # without them (the GPU machine) skips this file, as tests/test_convert.py.
 from peers import randomize
-from test_convert import import_mmaction  # noqa: E402
+from test_convert import mmaction2_i3d_nl  # noqa: E402
 from test_mixed_precision import (assert_autocast_matches_reference_path, checks,  # noqa: E402
                                   fwd_bwd, upstream)
 
@@ -54,13 +54,7 @@ SOFTMAX_BWD = ops.op("nonlocal_kernels::softmax_bwd")
 # The models: (original, input shape, number of Non-local blocks)
 # ------------------------------------------------------------------------------------------
 def mmaction2_i3d():
-    ResNet3d, _ = import_mmaction()
-    cfg = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
-               norm_cfg=dict(type="BN3d", requires_grad=True))
-    model = ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
-                     non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
-                     non_local_cfg=cfg)
-    return model, (2, 3, 4, 64, 64), 5
+    return mmaction2_i3d_nl(), (2, 3, 4, 64, 64), 5
 
 
 def timm_resnet18():
