@@ -16,11 +16,12 @@ rest keeps its initialisation.
   twice.
 - torch.export of the model (eval mode, dynamic batch and spatial sizes): one forward op node
   per block, the exported program matches eager at the export size and at another one.
-- ONNX: nonlocal_kernels.onnx.export, run by ONNX Runtime, float32 within 1e-5 relative of
-  eager and within the tolerance rule.
-- torch.autocast: bf16 on CPU (fp16 and bf16 on CUDA, ``gpu`` tests), outputs and gradients
-  against the same model on backend='reference' under the same autocast by the tolerance rule;
-  and an fp16 block whose scores pass float16's range, where the naive path gives inf/NaN.
+- ONNX: nonlocal_kernels.onnx.export, run by ONNX Runtime: float32 within the tolerance rule,
+  and within 1e-5 relative of eager where the model's own float32 rounding allows it (not the
+  I3D backbone: FP32_WITHIN_1E5).
+- torch.autocast: bf16 on CPU, outputs and gradients against the same model on
+  backend='reference' under the same autocast by the tolerance rule (float16, CUDA and the
+  float16 overflow of the naive path: tests/test_mixed_precision.py).
 """
 
 import copy
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 import nonlocal_kernels as nk
-import nonlocal_kernels.onnx
+import nonlocal_kernels.onnx  # noqa: F401  (loads nk.onnx)
 from nonlocal_kernels import ops
 from nonlocal_kernels.testing import assert_all_ok, check_close, max_abs, max_abs_diff
 
