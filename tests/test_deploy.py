@@ -80,7 +80,8 @@ def pytorchvideo_net():
 def ours():
     # This library's own block (nothing to convert): the same checks apply.
     model = nn.Sequential(nn.Conv3d(3, 8, 1),
-                          nk.NonLocal3d(8, sub_sample=True, norm="bn", zeros_init=False))
+                          nk.NonLocal3d(8, sub_sample=True, norm="bn", zeros_init=False,
+                                        std=0.3))
     return model, (2, 3, 2, 6, 5), 1
 
 
@@ -264,8 +265,8 @@ def test_onnx_runtime_runs_the_exported_model_like_eager(name, tmp_path):
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
 def test_onnx_of_a_block_and_what_it_materialises(mode, tmp_path):
     # Shapes: N = 9 * 7 = 63 queries, M = 4 * 3 = 12 keys (sub-sampled).
-    block = nk.NonLocal2d(8, mode=mode, sub_sample=True, norm="bn", zeros_init=False).eval()
-    randomize(block)
+    block = nk.NonLocal2d(8, mode=mode, sub_sample=True, norm="bn", zeros_init=False,
+                          std=0.3).eval()
     path = tmp_path / "block.onnx"
     x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
     nk.onnx.export(block, (x.float(),), path)
@@ -283,7 +284,7 @@ def test_onnx_of_a_block_and_what_it_materialises(mode, tmp_path):
 
 
 def test_onnx_refuses_concatenation_and_names_the_way_out(tmp_path):
-    block = nk.NonLocal2d(8, mode="concatenation", zeros_init=False).eval()
+    block = nk.NonLocal2d(8, mode="concatenation", zeros_init=False, std=0.3).eval()
     x = torch.randn(1, 8, 5, 4)
     with pytest.raises(Exception, match="backend='reference'") as info:
         nk.onnx.export(block, (x,), tmp_path / "concat.onnx")
