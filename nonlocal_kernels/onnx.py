@@ -25,7 +25,9 @@ the translations here write the block with standard operators:
 - concatenation family (``nonlocal_kernels_fast::concat_fwd``): refused, with an error naming
   the way out (its op also returns the sorted keys and prefix sums of its backward, which have
   no faithful translation here): run those blocks on ``backend="reference"`` for the export,
-  which exports as plain PyTorch operators (materialising (B, N, M) the same way).
+  which exports as plain PyTorch operators (materialising (B, N, M) the same way), and run
+  that graph in ONNX Runtime with ``ORT_ENABLE_BASIC`` optimisations: the extended ones of
+  ONNX Runtime 1.32 fuse a Transpose and a MatMul with a 1-D operand (theta w_theta) wrongly.
 
 16-bit inputs are computed in float32 and the result cast back, as the kernels accumulate;
 float64 stays float64 (only float32 is tested). Verified with ONNX Runtime on CPU
@@ -47,7 +49,10 @@ CONCAT_REFUSAL = (
     "which standard ONNX operators do not reproduce faithfully. Export those blocks on "
     "backend='reference' (plain PyTorch operators; it materialises the N x M weights): "
     "nonlocal_kernels.convert(model, backend='reference') for converted blocks, "
-    "block.backend = 'reference' for this library's NonLocalBlock.")
+    "block.backend = 'reference' for this library's NonLocalBlock. Run that graph in ONNX "
+    "Runtime with graph_optimization_level=ORT_ENABLE_BASIC: ONNX Runtime 1.32's extended "
+    "optimisations compute a Transpose followed by a MatMul with a 1-D operand, which it "
+    "contains, wrongly (tests/test_deploy.py).")
 
 
 def _opset():
