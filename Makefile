@@ -25,13 +25,15 @@ $(PY):
 # it is installed without them, and what its import needs is listed here.
 PEERS := timm==1.0.31 pytorchvideo==0.1.5 mmcv-lite==2.1.0 mmengine==0.10.7 einops scipy \
 	importlib_metadata
+# The ONNX exporter's and runtime's packages (nonlocal_kernels.onnx, tests/test_deploy.py).
+ONNX := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 
 # Each set-up step writes how long it took into its stamp (make demo prints them).
 $(VENV)/.deps: $(PY) pyproject.toml
 	@t0=$$(date +%s); $(PIP) install --upgrade pip && \
 	  $(PIP) install "$(TORCH_SPEC)" ninja numpy pytest pytest-benchmark matplotlib setuptools \
 	    wheel && \
-	  $(PIP) install $(PEERS) && \
+	  $(PIP) install $(PEERS) $(ONNX) && \
 	  $(PIP) install --no-deps mmaction2==1.2.0 && \
 	  echo "$$(( $$(date +%s) - t0 )) s installing the dependencies" > $@
 

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_kernels as nk
-from nonlocal_kernels.convert import ConvertedNonLocal, _find
+from nonlocal_kernels.convert import ConvertedNonLocal
 
 from peers import (non_local_concatenation, non_local_dot_product, non_local_embedded_gaussian,
-                   non_local_gaussian, slowfast_nonlocal_helper)
+                   non_local_gaussian, randomize, slowfast_nonlocal_helper)
 
 mmcv_nl = pytest.importorskip("mmcv.cnn.bricks.non_local")
 ptv_nl = pytest.importorskip("pytorchvideo.layers.nonlocal_net")
@@ -39,22 +39,6 @@ def import_mmaction():
     from mmaction.models.backbones.resnet3d import ResNet3d
     from mmaction.models.backbones.resnet_tsm import ResNetTSM
     return ResNet3d, ResNetTSM
-
-
-def randomize(model: nn.Module) -> nn.Module:
-    """Random non-zero weights in every Non-local block (the peers zero-initialise their output
-    layers, which makes a fresh block the identity) and BN statistics away from (0, 1); the
-    rest of a backbone keeps its own initialisation."""
-    blocks = [m for m in model.modules() if _find(m) is not None]
-    with torch.no_grad():
-        for block in blocks:
-            for p in block.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
-            for m in block.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.1)
-                    m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
-    return model
 
 
 def close(a, b, what, scale=None):
@@ -174,13 +158,22 @@ def test_no_n_by_m_tensor_in_a_converted_block(mode):
     assert_no_affinity(block, torch.randn(2, 6, 3, 6, 5), N=90, M=18)
 
 
-def test_mmaction2_i3d_nl_and_tsm_nl_backbones():
-    ResNet3d, ResNetTSM = import_mmaction()
-    nl_cfg = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
+I3D_NL_CFG = dict(sub_sample=True, use_scale=False, mode="embedded_gaussian",
                   norm_cfg=dict(type="BN3d", requires_grad=True))
-    i3d = ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
-                   non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
-                   non_local_cfg=nl_cfg)
+
+
+def mmaction2_i3d_nl():
+    """mmaction2's I3D-NL backbone (ResNet3d-50 with 5 Non-local blocks) at base width 8."""
+    ResNet3d, _ = import_mmaction()
+    return ResNet3d(depth=50, pretrained=None, pretrained2d=False, base_channels=8,
+                    non_local=((0, 0, 0), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 0, 0)),
+                    non_local_cfg=I3D_NL_CFG)
+
+
+def test_mmaction2_i3d_nl_and_tsm_nl_backbones():
+    _, ResNetTSM = import_mmaction()
+    nl_cfg = I3D_NL_CFG
+    i3d = mmaction2_i3d_nl()
     # Two clips and 64 x 64 frames: train-mode batch norm over fewer elements at the last
     # stage is so ill-conditioned that float64 rounding alone moves dx by 1e-8 relative.
     check_conversion(i3d, torch.randn(2, 3, 4, 64, 64), expect=5)
