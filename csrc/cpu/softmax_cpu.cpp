@@ -211,19 +211,25 @@ void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::
               phi.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
-                                                   const at::Tensor& g, double scale) {
+// The forward; with `keep`, it also returns the scores S = scale * theta phi^T (B, N, M) in the
+// compute type (lse's dtype), else an empty (B, 0, 0) tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta,
+                                                       const at::Tensor& phi, const at::Tensor& g,
+                                                       double scale, bool keep) {
   check_cpu_inputs(theta, phi, g);
-  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dv = g.size(2);
+  const auto opts_a = theta.options().dtype(lse_dtype(theta.scalar_type()));
   at::Tensor y = new_output({B, N, dv}, theta.options());
-  at::Tensor lse = new_output({B, N}, theta.options().dtype(lse_dtype(theta.scalar_type())));
-  if (B == 0 || N == 0) return {y, lse};
+  at::Tensor lse = new_output({B, N}, opts_a);
+  at::Tensor scores = keep ? new_output({B, N, M}, opts_a) : at::empty({B, 0, 0}, opts_a);
+  if (B == 0 || N == 0) return {y, lse, scores};
 
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   set_y_lse(p, y, lse);
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
+  plan.scores = keep ? scores.mutable_data_ptr() : nullptr;
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
@@ -237,16 +243,24 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   }
   run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
   call_arena.trim(kCallArenaKeepBytes);
-  return {y, lse};
+  return {y, lse, scores};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                   const at::Tensor& g, double scale) {
+  auto out = forward(theta, phi, g, scale, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+// The backward; `scores`: the forward's kept scores (B, N, M), or null to recompute them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
-    const at::Tensor& y, const at::Tensor& lse, double scale) {
+    const at::Tensor& y, const at::Tensor& lse, const at::Tensor* scores, double scale,
+    const char* op) {
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
                 dv = g.size(2);
-  check_softmax_bwd_inputs(dy, theta, g, y, lse, "softmax_bwd");
+  check_softmax_bwd_inputs(dy, theta, g, y, lse, op);
 
   at::Tensor dtheta = new_output_like(theta);
   at::Tensor dphi = new_output_like(phi);
@@ -264,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
+  plan.scores = scores != nullptr ? const_cast<void*>(scores->const_data_ptr()) : nullptr;
   const int64_t G = std::max<int64_t>(1, std::min(plan.groups, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
@@ -274,11 +289,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
                                    ? Arena::bytes_for<double>(partial_n)
                                    : Arena::bytes_for<float>(partial_n);
   if (plan.packed) {
+    // scale * phi^T only serves to recompute S.
+    const bool need_kt = plan.scores == nullptr;
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
     const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
     const PanelSpec vt_spec{&g, g.stride(2), g.stride(1), dv, M, 1.0};
-    call_arena.reserve(kt_spec.bytes(kt) + k_spec.bytes(kt) + vt_spec.bytes(kt) + partial_bytes);
-    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    call_arena.reserve((need_kt ? kt_spec.bytes(kt) : 0) + k_spec.bytes(kt) + vt_spec.bytes(kt) +
+                       partial_bytes);
+    if (need_kt) plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
     plan.kp = prepare_panels(k_spec, kt, plan.k_bs);
     plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
   } else {
@@ -296,10 +314,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   return {dtheta, dphi, dg};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, double scale) {
+  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_bwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Tensor& theta,
+                                                                    const at::Tensor& phi,
+                                                                    const at::Tensor& g,
+                                                                    double scale, bool keep) {
+  return forward(theta, phi, g, scale, keep);
+}
+
+// scores: softmax_keep_fwd's third output, (B, N, M) when it kept them, else (B, 0, 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, const at::Tensor& scores, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
+  const bool kept = scores.dim() == 3 && scores.numel() > 0;
+  TORCH_CHECK(scores.dim() == 3 && scores.size(0) == B &&
+                  ((scores.size(1) == 0 && scores.size(2) == 0) ||
+                   (scores.size(1) == N && scores.size(2) == M)),
+              "softmax_keep_bwd: scores: expected softmax_keep_fwd's third output, (B, N, M) = (",
+              B, ", ", N, ", ", M, ") or (B, 0, 0) when not kept, got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == lse_dtype(theta.scalar_type()) &&
+                  scores.device() == theta.device(),
+              "softmax_keep_bwd: scores: expected dtype ", lse_dtype(theta.scalar_type()),
+              " on ", theta.device(), ", got ", scores.scalar_type(), " on ", scores.device());
+  if (kept) {
+    TORCH_CHECK(scores.is_contiguous(),
+                "softmax_keep_bwd: scores: expected a contiguous tensor (softmax_keep_fwd's "
+                "output as it is), got strides ", scores.strides());
+    return backward(dy, theta, phi, g, y, lse, &scores, scale, "softmax_keep_bwd");
+  }
+  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_keep_bwd");
+}
+
 }  // namespace
 }  // namespace nonlocal_kernels::cpu
 
 TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {
   m.impl("softmax_fwd", &nonlocal_kernels::cpu::softmax_fwd_cpu);
   m.impl("softmax_bwd", &nonlocal_kernels::cpu::softmax_bwd_cpu);
+  m.impl("softmax_keep_fwd", &nonlocal_kernels::cpu::softmax_keep_fwd_cpu);
+  m.impl("softmax_keep_bwd", &nonlocal_kernels::cpu::softmax_keep_bwd_cpu);
 }

@@ -59,6 +59,9 @@ struct CpuPlan {
   int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
+  // The scores S = scale * theta phi^T, (B, N, M) contiguous, compute type: written by a forward
+  // that keeps them, read by the backward instead of recomputing S. Null: not kept.
+  void* scores;
 };
 
 // Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):

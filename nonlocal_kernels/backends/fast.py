@@ -71,7 +71,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..modes import FLOAT_DTYPES, MODES
-from .registry import Backend, register
+from .registry import Backend, last_path, record_paths, register  # noqa: F401 (re-exported)
+from .registry import note_path as _note
 
 DOT_PATHS = ("reordered", "naive")
 
@@ -81,30 +82,12 @@ DOT_PATHS = ("reordered", "naive")
 _CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _CHUNK_ELEMENTS_OTHER = 1 << 24
 
-_last_path: Optional[str] = None
-_records: Optional[list] = None
 _forced_dot_path: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Debug hook and cost model
 # ---------------------------------------------------------------------------------------------
-
-def last_path() -> Optional[str]:
-    """The path taken by the most recent call of this backend (None before the first)."""
-    return _last_path
-
-
-@contextlib.contextmanager
-def record_paths() -> Iterator[list]:
-    """Collect (mode, path) for every call of this backend inside the ``with`` block."""
-    global _records
-    outer, _records = _records, []
-    try:
-        yield _records
-    finally:
-        _records = outer
-
 
 @contextlib.contextmanager
 def force_dot_product_path(path: Optional[str]) -> Iterator[None]:
@@ -117,13 +100,6 @@ def force_dot_product_path(path: Optional[str]) -> Iterator[None]:
         yield
     finally:
         _forced_dot_path = outer
-
-
-def _note(mode: str, path: str) -> None:
-    global _last_path
-    _last_path = path
-    if _records is not None:
-        _records.append((mode, path))
 
 
 def dot_product_flops(N: int, M: int, dk: int, dv: int) -> dict:
