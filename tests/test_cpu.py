@@ -26,10 +26,14 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_first", "strided"]
-HAS_AVX2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+_CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+HAS_AVX2 = "avx2" in _CPUINFO
+HAS_AVX512 = all(f in _CPUINFO.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
-# (GEMM path, kernel build) variants; the first is what users get on this machine.
-VARIANTS = [("vec", None), ("blas", None), ("vec", "default"), ("blas", "default")]
+# (GEMM path, kernel build) variants; the first is what users get on this machine (the AVX-512
+# build where the CPU has it, else AVX2, else the portable one), then the narrower builds.
+VARIANTS = ([("vec", None), ("blas", None)] + ([("vec", "avx2")] if HAS_AVX512 else []) +
+            [("vec", "default"), ("blas", "default")])
 
 
 @pytest.fixture
@@ -200,6 +204,14 @@ def test_bad_tuning_environment_is_reported(monkeypatch):
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", "fast")
     with pytest.raises(RuntimeError, match="NONLOCAL_KERNELS_CPU_GEMM"):
         nonlocal_attention(theta, phi, g, backend="cpu")
+    monkeypatch.delenv("NONLOCAL_KERNELS_CPU_GEMM")
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "sse")
+    with pytest.raises(RuntimeError, match="expected 'avx512', 'avx2' or 'default'"):
+        nonlocal_attention(theta, phi, g, backend="cpu")
+    if not HAS_AVX512:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            nonlocal_attention(theta, phi, g, backend="cpu")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ru_maxrss (Linux)")

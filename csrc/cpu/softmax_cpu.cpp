@@ -5,7 +5,8 @@
 // Tuning knobs (environment, read at every call; for benchmarks and tests):
 //   NONLOCAL_KERNELS_CPU_GEMM = vec | blas   tile products via the Vectorized panel GEMM
 //                                             (default) or BLAS sgemm_/dgemm_ calls on tiles
-//   NONLOCAL_KERNELS_CPU_ISA  = avx2 | default   force a kernel table (default: best supported)
+//   NONLOCAL_KERNELS_CPU_ISA  = avx512 | avx2 | default   force a kernel table (default: the
+//                                             best the CPU supports)
 //   NONLOCAL_KERNELS_CPU_PACK = 1             blas path: always copy phi/g (contiguous)
 //   NONLOCAL_KERNELS_CPU_BM / _BN             query / key tile rows
 #include <ATen/ATen.h>
@@ -44,15 +45,23 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 const KernelTable& kernels() {
   std::string isa = env("NONLOCAL_KERNELS_CPU_ISA");
-  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "default",
-              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx2' or 'default', got '", isa, "'");
+  TORCH_CHECK(isa.empty() || isa == "avx512" || isa == "avx2" || isa == "default",
+              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx512', 'avx2' or 'default', got '", isa,
+              "'");
 #if defined(__x86_64__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c");
+  static const bool has_avx512 =
+      has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if ((isa.empty() || isa == "avx512") && has_avx512) return kKernelsAVX512;
+  TORCH_CHECK(isa != "avx512",
+              "NONLOCAL_KERNELS_CPU_ISA=avx512: this CPU has no AVX-512 F/BW/VL/DQ");
   if (isa != "default" && has_avx2) return kKernelsAVX2;
   TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA/F16C");
 #else
-  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: not an x86-64 build");
+  TORCH_CHECK(isa.empty() || isa == "default", "NONLOCAL_KERNELS_CPU_ISA=", isa,
+              ": not an x86-64 build");
 #endif
   return kKernelsDefault;
 }
@@ -144,14 +153,16 @@ MatView prepare_operand(const at::Tensor& t, const KernelTable& kt, at::Tensor& 
   return MatView{dst, rows * cols, cols, 1};
 }
 
-// Tiles. Key tiles of BN rows (a multiple of the panel width, 16). Query tiles: about BM0 rows,
-// with their count per batch rounded up to a multiple of `multiple` so that the B * n_qtiles
-// forward tasks and the backward groups divide evenly among the threads.
-void choose_tiles(int64_t N, int64_t M, int64_t multiple, CpuPlan& plan) {
+// Tiles. Key tiles of BN rows (a multiple of 16 and of the panel width, `width`: 32 floats with
+// AVX-512). Query tiles: about BM0 rows, with their count per batch rounded up to a multiple of
+// `multiple` so that the B * n_qtiles forward tasks and the backward groups divide evenly among
+// the threads.
+void choose_tiles(int64_t N, int64_t M, int64_t multiple, int64_t width, CpuPlan& plan) {
   const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
   int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
-  bn = (bn + 15) / 16 * 16;
-  plan.BN = std::min(bn, (M + 15) / 16 * 16);
+  const int64_t w = std::max<int64_t>(16, width);  // 16, or the AVX-512 float panel's 32
+  bn = (bn + w - 1) / w * w;
+  plan.BN = std::min(bn, (M + w - 1) / w * w);
   int64_t nq = (N + bm0 - 1) / bm0;
   nq = std::min(N, (nq + multiple - 1) / multiple * multiple);
   plan.BM = (N + nq - 1) / nq;
@@ -199,7 +210,7 @@ CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tens
   const int64_t split = threads / std::gcd(B, threads);
   const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
   plan.groups = backward_groups(B, M, theta.size(2), g.size(2), esize);
-  choose_tiles(N, M, std::lcm(split, plan.groups), plan);
+  choose_tiles(N, M, std::lcm(split, plan.groups), kernels().panel_width(plan.dtype), plan);
   return plan;
 }
 

@@ -439,7 +439,7 @@ template <typename S>
 void dot_sum_double(const S* x, const S* y, int64_t n, double& dot, double& sum) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, xs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     // The same 8 partial sums, 4 + 4 lanes of two AVX2 registers: float -> double, then FMA
     // (exact: the product of two floats fits a double).
