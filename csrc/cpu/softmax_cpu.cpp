@@ -81,13 +81,18 @@ DType to_dtype(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// GEMM path: the Vectorized panel GEMM ("vec", default) or BLAS on tiles ("blas").
-bool use_packed_path() {
+// GEMM path: the Vectorized panel GEMM ("vec") or BLAS on tiles ("blas"). Default: "blas" with
+// the AVX-512 kernel table when a BLAS is linked (torch's MKL runs its sgemm on AVX-512 there,
+// and took 5-20% less time than the panel GEMM forward+backward on the 2-core Xeon VM:
+// benchmarks/results/cpu-keep-scores-2026-11-30.md), else "vec" (5-11% faster than BLAS on an
+// AVX2 EPYC: benchmarks/results/cpu-kernel-2026-11-24.md, section 4).
+bool use_packed_path(const KernelTable& kt) {
   std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
   TORCH_CHECK(mode.empty() || mode == "blas" || mode == "vec",
               "NONLOCAL_KERNELS_CPU_GEMM: expected 'blas' or 'vec', got '", mode, "'");
   TORCH_CHECK(mode != "blas" || blas_available(),
               "NONLOCAL_KERNELS_CPU_GEMM=blas: no BLAS sgemm_/dgemm_ is linked in this process");
+  if (mode.empty()) return !(std::string(kt.name) == "avx512" && blas_available());
   return mode != "blas";
 }
 
@@ -158,7 +163,9 @@ MatView prepare_operand(const at::Tensor& t, const KernelTable& kt, at::Tensor& 
 // `multiple` so that the B * n_qtiles forward tasks and the backward groups divide evenly among
 // the threads.
 void choose_tiles(int64_t N, int64_t M, int64_t multiple, int64_t width, CpuPlan& plan) {
-  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
+  // A BLAS call packs both its operands every time: taller query tiles amortise that (BM 256
+  // took 5-15% less time than 64 on the BLAS path, same VM and file as above).
+  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", plan.packed ? 64 : 256);
   int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
   const int64_t w = std::max<int64_t>(16, width);  // 16, or the AVX-512 float panel's 32
   bn = (bn + w - 1) / w * w;
@@ -204,7 +211,7 @@ CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tens
   CpuPlan plan{};
   plan.dtype = to_dtype(theta, "theta");
   plan.scale = scale;
-  plan.packed = use_packed_path();
+  plan.packed = use_packed_path(kernels());
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t split = threads / std::gcd(B, threads);

@@ -131,9 +131,14 @@ inline int64_t panels(int64_t n, int64_t width) {
   return (n + width - 1) / width;
 }
 
+// Square blocks of ATen's float transpose: one vector of floats (8 with AVX2, 16 with AVX-512,
+// whose transpose_mxn<float, 8, 8> is a masked 16 x 16 one, four times the work).
+constexpr int64_t kTB = Vec<float>::size() >= 16 ? 16 : 8;
+
 // B-panels jb0..jb1 of the k x n matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs].
 // Row-major sources copy kNR contiguous values per row; column-major ones (rs == 1) go through
-// 8 x 8 blocks, so that both the reads and the writes stay within a few cache lines.
+// kTB x kTB (float) or 8 x 8 blocks, so that both the reads and the writes stay within a few
+// cache lines.
 template <typename A, typename S>
 void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha, A* dst,
             int64_t jb0, int64_t jb1) {
@@ -150,13 +155,13 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
     } else if (rs == 1 && cs != 1) {
       int64_t kk0 = 0;
       if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-        if (cn == NR) {  // whole 8 x 8 blocks through ATen's (AVX2) transpose
-          for (; kk0 + 8 <= k; kk0 += 8) {
-            for (int64_t j0 = 0; j0 < NR; j0 += 8)
-              at::vec::transpose_mxn<float, 8, 8>(src + (c0 + j0) * cs + kk0, cs,
-                                                  d + kk0 * NR + j0, NR);
+        if (cn == NR) {  // whole kTB x kTB blocks through ATen's (AVX2 / AVX-512) transpose
+          for (; kk0 + kTB <= k; kk0 += kTB) {
+            for (int64_t j0 = 0; j0 < NR; j0 += kTB)
+              at::vec::transpose_mxn<float, kTB, kTB>(src + (c0 + j0) * cs + kk0, cs,
+                                                      d + kk0 * NR + j0, NR);
             if (alpha != A(1))
-              for (int64_t i = 0; i < 8 * NR; i += Vec<A>::size())
+              for (int64_t i = 0; i < kTB * NR; i += Vec<A>::size())
                 (Vec<A>::loadu(d + kk0 * NR + i) * Vec<A>(alpha)).store(d + kk0 * NR + i);
           }
         }
@@ -516,18 +521,18 @@ void store_tile(const A* src, int64_t ld, int64_t rows, int64_t cols, S* dst, in
   if (rs == 1 && cs != 1) {
     int64_t r_full = 0;
     if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-      // Whole 8 x 8 blocks: scaled into `blk`, then ATen's (AVX2) transpose into dst.
-      r_full = rows / 8 * 8;
-      const int64_t c_full = cols / 8 * 8;
-      alignas(64) float blk[64];
+      // Whole kTB x kTB blocks: scaled into `blk`, then ATen's transpose into dst.
+      r_full = rows / kTB * kTB;
+      const int64_t c_full = cols / kTB * kTB;
+      alignas(64) float blk[kTB * kTB];
       const Vec<A> av(alpha);
-      for (int64_t c0 = 0; c0 < c_full; c0 += 8)
-        for (int64_t r0 = 0; r0 < r_full; r0 += 8) {
-          for (int64_t i = 0; i < 8; ++i)
-            (Vec<A>::loadu(src + (r0 + i) * ld + c0, 8) * av).store(blk + i * 8, 8);
-          at::vec::transpose_mxn<float, 8, 8>(blk, 8, dst + c0 * cs + r0, cs);
+      for (int64_t c0 = 0; c0 < c_full; c0 += kTB)
+        for (int64_t r0 = 0; r0 < r_full; r0 += kTB) {
+          for (int64_t i = 0; i < kTB; ++i)
+            (Vec<A>::loadu(src + (r0 + i) * ld + c0, kTB) * av).store(blk + i * kTB, kTB);
+          at::vec::transpose_mxn<float, kTB, kTB>(blk, kTB, dst + c0 * cs + r0, cs);
         }
-      for (int64_t c = c_full; c < cols; ++c)  // the last cols % 8 columns, rows < r_full
+      for (int64_t c = c_full; c < cols; ++c)  // the last cols % kTB columns, rows < r_full
         for (int64_t r = 0; r < r_full; ++r) dst[c * cs + r] = alpha * src[r * ld + c];
     }
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // the rows from r_full on
