@@ -55,9 +55,10 @@ Precision: a, b and every sum are computed in float32 from float16/bfloat16 inpu
 float64 inputs) and the results are rounded to the input dtype at the end. The pure-PyTorch da
 runs in row chunks (which bound per-call temporaries at long-video sizes).
 
-Debug hook: :func:`last_path` / :func:`record_paths` say which path a call took ("reordered",
-"naive" or "sorted"); :func:`force_dot_product_path` overrides the cost model (tests,
-benchmarks). The hook state is process-global and not thread-safe (it is a debugging aid).
+Debug hook: :func:`last_path` / :func:`record_paths` (the registry's, shared with backend cpu)
+say which path a call took ("reordered", "naive" or "sorted"); :func:`force_dot_product_path`
+overrides the cost model (tests, benchmarks). The hook state is process-global and not
+thread-safe (it is a debugging aid).
 """
 
 from __future__ import annotations
