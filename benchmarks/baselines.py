@@ -11,6 +11,7 @@ baselines are added to BASELINES.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional
 
 import torch
@@ -74,6 +75,21 @@ def _fast_pytorch(theta, phi, g, concat_weight, mode, scale):
                                                    concat_weight=concat_weight, backend="fast")
 
 
+def _cpu_recompute(theta, phi, g, concat_weight, mode, scale):
+    """Backend cpu with kept scores switched off (NONLOCAL_KERNELS_CPU_KEEP_MB=0 for the call):
+    its backward recomputes S, as the kernel did before it could keep them."""
+    from nonlocal_kernels.backends import cpu
+    old = os.environ.get(cpu.KEEP_ENV)
+    os.environ[cpu.KEEP_ENV] = "0"
+    try:
+        return _backend_method("cpu")(theta, phi, g, concat_weight, mode, scale)
+    finally:
+        if old is None:
+            del os.environ[cpu.KEEP_ENV]
+        else:
+            os.environ[cpu.KEEP_ENV] = old
+
+
 # name -> (fn, modes it supports, device types, description)
 BASELINES: dict = {
     "naive": (_backend_method("reference"), None, ("cpu", "cuda"),
@@ -84,6 +100,11 @@ BASELINES: dict = {
                     "mmcv-style concatenation: builds the (B, 2 dk, N, M) tensor and a 1x1 conv"),
     "fast_pytorch": (_fast_pytorch, ("concatenation",), ("cpu",),
                      "backend fast, concatenation without its fused C++ CPU kernels"),
+}
+# Methods that run only when named (--backends), never by default.
+OPT_IN: dict = {
+    "cpu_recompute": (_cpu_recompute, SOFTMAX_MODES, ("cpu",),
+                      "backend cpu, its backward recomputing S (scores never kept)"),
 }
 for _name, _sdpa, _devices in (
         ("torch_sdpa_flash", "FLASH_ATTENTION", ("cpu", "cuda")),
@@ -108,10 +129,10 @@ def default_methods(mode: str, device_type: str) -> list[str]:
 
 
 def get_method(name: str) -> Callable:
-    if name in BASELINES:
-        return BASELINES[name][0]
+    if name in BASELINES or name in OPT_IN:
+        return {**BASELINES, **OPT_IN}[name][0]
     known = {b["name"] for b in nonlocal_kernels.available_backends()}
     if name not in known:
         raise ValueError(f"--backends: unknown method {name!r}; known: "
-                         f"{', '.join(sorted(known | set(BASELINES)))}")
+                         f"{', '.join(sorted(known | set(BASELINES) | set(OPT_IN)))}")
     return _backend_method(name)

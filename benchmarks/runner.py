@@ -156,11 +156,12 @@ def measure(spec: dict) -> dict:
             run()
             return max(_peak_rss() - base, 0)
 
-        from nonlocal_kernels.backends import fast
+        from nonlocal_kernels.backends import registry
         for step in spec["steps"]:
-            # The fast backend's debug hook says which exact path ran (e.g. dot_product
-            # "reordered" or "naive" by its cost model); kept in the row as "path".
-            with fast.record_paths() as taken:
+            # The backends' debug hook says which exact path ran (e.g. fast's dot_product
+            # "reordered" or "naive" by its cost model, whether cpu kept the scores); kept in the
+            # row as "path".
+            with registry.record_paths() as taken:
                 result[f"peak_{step}_bytes"] = peak_of(problem.step(fn, step))
             if taken:
                 result["path"] = taken[-1][1]

@@ -9,7 +9,10 @@
 // Inputs are 3-D with any strides; lse is float32 (float64 for float64 inputs).
 #include "ops_schema.h"
 
-TORCH_LIBRARY(nonlocal_kernels, m) { nonlocal_kernels::define_softmax_ops(m); }
+TORCH_LIBRARY(nonlocal_kernels, m) {
+  nonlocal_kernels::define_softmax_ops(m);
+  nonlocal_kernels::define_softmax_keep_ops(m);
+}
 
 #ifdef NONLOCAL_KERNELS_PYTHON_MODULE
 // `import nonlocal_kernels._C` loads this library (running the registrations above); the module

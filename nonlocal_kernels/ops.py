@@ -215,6 +215,17 @@ def _softmax_bwd_fake(dy, theta, phi, g, y, lse, scale):
     return torch.empty_like(theta), torch.empty_like(phi), torch.empty_like(g)
 
 
+def _softmax_keep_fwd_fake(theta, phi, g, scale, keep):
+    y, lse = _softmax_fwd_fake(theta, phi, g, scale)
+    B, N = lse.shape
+    shape = (B, N, phi.shape[1]) if keep else (B, 0, 0)
+    return y, lse, theta.new_empty(shape, dtype=lse.dtype)
+
+
+def _softmax_keep_bwd_fake(dy, theta, phi, g, y, lse, scores, scale):
+    return _softmax_bwd_fake(dy, theta, phi, g, y, lse, scale)
+
+
 def softmax_grads(bwd: Callable, dy, dlse, theta, phi, g, y, lse, scale: float) -> tuple:
     """(dtheta, dphi, dg) from the gradients of y and lse (either may be None).
 
@@ -236,44 +247,75 @@ def softmax_grads(bwd: Callable, dy, dlse, theta, phi, g, y, lse, scale: float) 
     return dtheta, dphi, dg
 
 
-def _softmax_setup(ctx, inputs, output):
-    theta, phi, g, scale = inputs[-4:]
-    y, lse = output
-    ctx.save_for_backward(theta, phi, g, y, lse)
+def _softmax_save(ctx, theta, phi, g, scale, output) -> None:
+    """What a softmax forward keeps for its backward: the inputs, y, lse and, from the keep
+    ops, the scores (a (B, 0, 0) tensor when they were not kept)."""
+    ctx.save_for_backward(theta, phi, g, *output)
     ctx.scale = scale
     ctx.set_materialize_grads(False)
+    if len(output) > 2:
+        ctx.mark_non_differentiable(output[2])
 
 
-def register_softmax_ops(namespace: str, fake: bool = True) -> None:
-    """Register the fake, vmap and autograd of namespace::softmax_fwd / softmax_bwd.
+def _softmax_saved(ctx) -> tuple:
+    """(theta, phi, g, y, lse, scores or None) as _softmax_save kept them."""
+    saved = ctx.saved_tensors
+    return tuple(saved[:5]) + ((saved[5] if len(saved) > 5 else None),)
+
+
+def _softmax_setup(ctx, inputs, output):
+    _softmax_save(ctx, *inputs[:4], output)
+
+
+def register_softmax_ops(namespace: str, fake: bool = True, keep: bool = False) -> None:
+    """Register the fake, vmap and autograd of namespace::softmax_fwd / softmax_bwd, and with
+    ``keep`` of its softmax_keep_fwd / softmax_keep_bwd too (the CPU kernel's variant, whose
+    forward can keep the scores for the backward: csrc/ops_schema.h).
 
     ``fake=False`` when the op's own definition already provides one (Triton's triton_op)."""
-    fwd, bwd = op(f"{namespace}::softmax_fwd"), op(f"{namespace}::softmax_bwd")
-    if fake:
-        torch.library.register_fake(fwd, _softmax_fwd_fake)
-        torch.library.register_fake(bwd, _softmax_bwd_fake)
-    torch.library.register_vmap(fwd, vmap_by_folding(fwd))
-    torch.library.register_vmap(bwd, vmap_by_folding(bwd))
+    pairs = [("softmax_fwd", "softmax_bwd", _softmax_fwd_fake, _softmax_bwd_fake)]
+    if keep:
+        pairs.append(("softmax_keep_fwd", "softmax_keep_bwd", _softmax_keep_fwd_fake,
+                      _softmax_keep_bwd_fake))
+    for fwd_name, bwd_name, fwd_fake, bwd_fake in pairs:
+        fwd, bwd = op(f"{namespace}::{fwd_name}"), op(f"{namespace}::{bwd_name}")
+        if fake:
+            torch.library.register_fake(fwd, fwd_fake)
+            torch.library.register_fake(bwd, bwd_fake)
+        torch.library.register_vmap(fwd, vmap_by_folding(fwd))
+        torch.library.register_vmap(bwd, vmap_by_folding(bwd))
 
-    def backward(ctx, dy, dlse):
-        theta, phi, g, y, lse = ctx.saved_tensors
-        return softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse, ctx.scale) + (None,)
+        def backward(ctx, dy, dlse, *_, bwd=bwd):  # *_: the scores, not differentiable
+            theta, phi, g, y, lse, scores = _softmax_saved(ctx)
+            kept = () if scores is None else (scores,)
+            grads = softmax_grads(lambda *a: bwd(*a[:6], *kept, a[6]), dy, dlse, theta, phi, g,
+                                  y, lse, ctx.scale)
+            return grads + (None,) * (1 + len(kept))  # scale (and keep)
 
-    def refuse(ctx, *grads):
-        raise double_backward_error(f"{namespace}::softmax_bwd")
+        def refuse(ctx, *grads, name=f"{namespace}::{bwd_name}"):
+            raise double_backward_error(name)
 
-    torch.library.register_autograd(fwd, backward, setup_context=_softmax_setup)
-    torch.library.register_autograd(bwd, refuse, setup_context=lambda ctx, inputs, output: None)
+        torch.library.register_autograd(fwd, backward, setup_context=_softmax_setup)
+        torch.library.register_autograd(bwd, refuse,
+                                        setup_context=lambda ctx, inputs, output: None)
+
+
+def _softmax_bwd_call(namespace: str, dy, theta, phi, g, y, lse, scores, scale) -> tuple:
+    """namespace's softmax_bwd, or softmax_keep_bwd with the forward's scores (not None)."""
+    if scores is None:
+        return run_op(op(f"{namespace}::softmax_bwd"), dy, theta, phi, g, y, lse, scale)
+    return run_op(op(f"{namespace}::softmax_keep_bwd"), dy, theta, phi, g, y, lse, scores, scale)
 
 
 @fast_apply
 class SoftmaxBackward(torch.autograd.Function):
-    """``apply(who, namespace, dy, theta, phi, g, y, lse, scale)``: namespace's softmax_bwd, whose
-    own backward raises (``who``, the backend's name, appears in the message)."""
+    """``apply(who, namespace, dy, theta, phi, g, y, lse, scores, scale)``: namespace's
+    softmax_bwd (``scores`` None) or softmax_keep_bwd, whose own backward raises (``who``, the
+    backend's name, appears in the message)."""
 
     @staticmethod
-    def forward(who, namespace, dy, theta, phi, g, y, lse, scale):
-        return run_op(op(f"{namespace}::softmax_bwd"), dy, theta, phi, g, y, lse, scale)
+    def forward(who, namespace, dy, theta, phi, g, y, lse, scores, scale):
+        return _softmax_bwd_call(namespace, dy, theta, phi, g, y, lse, scores, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -291,41 +333,50 @@ class SoftmaxBackward(torch.autograd.Function):
 
 @fast_apply
 class SoftmaxAttention(torch.autograd.Function):
-    """``apply(who, namespace, theta, phi, g, scale) -> (y, lse)`` through namespace's softmax
-    ops; ``who`` (the backend's name) appears in errors. Gradients flow into y and lse."""
+    """``apply(who, namespace, keep, theta, phi, g, scale)`` through namespace's softmax ops;
+    ``who`` (the backend's name) appears in errors. ``keep`` None: softmax_fwd, returns
+    (y, lse); True or False: softmax_keep_fwd, returns (y, lse, scores), the scores kept for the
+    backward when ``keep`` (not differentiable). Gradients flow into y and lse."""
 
     @staticmethod
-    def forward(who, namespace, theta, phi, g, scale):
-        return run_op(op(f"{namespace}::softmax_fwd"), theta, phi, g, scale)
+    def forward(who, namespace, keep, theta, phi, g, scale):
+        if keep is None:
+            return run_op(op(f"{namespace}::softmax_fwd"), theta, phi, g, scale)
+        return run_op(op(f"{namespace}::softmax_keep_fwd"), theta, phi, g, scale, keep)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _softmax_setup(ctx, inputs, output)
+        _softmax_save(ctx, *inputs[3:], output)
         ctx.who, ctx.namespace = inputs[0], inputs[1]
 
     @staticmethod
-    def backward(ctx, dy, dlse):
-        theta, phi, g, y, lse = ctx.saved_tensors
+    def backward(ctx, dy, dlse, *_):  # *_: the scores' gradient (they are not differentiable)
+        theta, phi, g, y, lse, scores = _softmax_saved(ctx)
 
         def bwd(dy, theta, phi, g, y, lse, scale):
             if not torch.is_grad_enabled():  # no graph to record: the op alone
-                return run_op(op(f"{ctx.namespace}::softmax_bwd"), dy, theta, phi, g, y, lse,
-                              scale)
-            return SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y, lse, scale)
-        return (None, None) + softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse,
-                                            ctx.scale) + (None,)
+                return _softmax_bwd_call(ctx.namespace, dy, theta, phi, g, y, lse, scores, scale)
+            return SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y, lse,
+                                         scores, scale)
+        return (None, None, None) + softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse,
+                                                  ctx.scale) + (None,)
 
     @staticmethod
-    def vmap(info, in_dims, who, namespace, theta, phi, g, scale):
-        theta, phi, g = fold_batch(info, in_dims[2:5], (theta, phi, g))
-        return unfold_batch(SoftmaxAttention.apply(who, namespace, theta, phi, g, scale),
+    def vmap(info, in_dims, who, namespace, keep, theta, phi, g, scale):
+        theta, phi, g = fold_batch(info, in_dims[3:6], (theta, phi, g))
+        return unfold_batch(SoftmaxAttention.apply(who, namespace, keep, theta, phi, g, scale),
                             info.batch_size)
 
 
-def softmax_runner(who: str, namespace: str) -> Callable:
-    """A softmax backend's ``run``: SoftmaxAttention over namespace's ops."""
+def softmax_runner(who: str, namespace: str, keep: Optional[Callable] = None) -> Callable:
+    """A softmax backend's ``run``: SoftmaxAttention over namespace's ops. ``keep``: for a
+    namespace with the softmax_keep ops, ``keep(theta, phi, g) -> bool`` decides per call
+    whether the forward keeps the scores for the backward: softmax_keep_fwd when it does, the
+    family's softmax_fwd when it does not (so a graph that keeps nothing, an inference export
+    for one, holds the family's ops only)."""
     def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-        y, lse = SoftmaxAttention.apply(who, namespace, theta, phi, g, float(scale))
+        k = True if keep is not None and keep(theta, phi, g) else None
+        y, lse = SoftmaxAttention.apply(who, namespace, k, theta, phi, g, float(scale))[:2]
         return (y, lse) if return_lse else y
     return run
 
@@ -352,7 +403,7 @@ def _concat_sorted_not_differentiable(ctx, *grads):
 
 
 if _C is not None:
-    register_softmax_ops(NAMESPACE)
+    register_softmax_ops(NAMESPACE, keep=True)
     for _name, _fake in (("concat_sorted_fwd", _concat_sorted_fwd_fake),
                          ("concat_sorted_bwd", _concat_sorted_bwd_fake)):
         torch.library.register_fake(op(f"{NAMESPACE}::{_name}"), _fake)

@@ -9,10 +9,11 @@ Markdown table: per case, dtype and output, the worst ratio max|out - ref64| / t
 seed where it occurred (1.0 is the edge of the rule; NaN counts as inf), then the worst ratio
 overall; the exit status is 1 when that is above 1.
 
-- cpu (defaults: 150 seeds from 1000, 1 thread, --gemm vec): shapes that stress the CPU
-  kernels (long dk or dv, ragged tiles, a mid-size problem), each in its own dtype; for finding
-  the cause of a rare failure of tests/test_cpu.py. --threads matters: the backward's partial
-  sums depend on it.
+- cpu (defaults: 150 seeds from 1000, 1 thread, the kernel's own GEMM path): shapes that
+  stress the CPU kernels (long dk or dv, ragged tiles, a mid-size problem), each in its own
+  dtype; for finding the cause of a rare failure of tests/test_cpu.py. --threads matters: the
+  backward's partial sums depend on it. The environment's NONLOCAL_KERNELS_CPU_* knobs apply
+  (e.g. NONLOCAL_KERNELS_CPU_KEEP_MB=0 for the path that recomputes the scores).
 - triton (defaults: 50 seeds from 0, --dtypes f32,f16, torch's thread count): the
   configurations of tests/test_triton.py (small shapes), under the Triton interpreter without a
   GPU.
@@ -121,7 +122,7 @@ def main(argv=None):
                     "case with its own dtype runs only when that is listed")
     ap.add_argument("--threads", type=int, help="torch threads (default: the backend's)")
     ap.add_argument("--gemm", choices=("vec", "blas"),
-                    help="cpu: NONLOCAL_KERNELS_CPU_GEMM (default vec)")
+                    help="cpu: NONLOCAL_KERNELS_CPU_GEMM (default: the kernel's own choice)")
     args = ap.parse_args(argv)
     cfg = BACKENDS[args.backend]
     names = (args.cases.split(",") if args.cases else []) + (args.only or [])
@@ -138,7 +139,8 @@ def main(argv=None):
     threads = cfg["threads"] if args.threads is None else args.threads
     device = "cpu"
     if args.backend == "cpu":
-        os.environ["NONLOCAL_KERNELS_CPU_GEMM"] = args.gemm or "vec"
+        if args.gemm is not None:
+            os.environ["NONLOCAL_KERNELS_CPU_GEMM"] = args.gemm
     elif torch.cuda.is_available():
         device = "cuda"
     else:

@@ -40,6 +40,17 @@ def test_cli_measures_every_method_and_writes_table_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_cli_rows_say_which_cpu_path_ran(tmp_path):
+    from nonlocal_kernels.backends import registry
+    if registry.get("cpu").unavailable_reason() is not None:
+        pytest.skip("backend cpu is not built")
+    stdout, res = run_cli(tmp_path, "--shape", "1,64,40,8,8", "--backends", "cpu,cpu_recompute",
+                          "--repeats", "2", "--budget", "1", "--no-plots")
+    assert [(r["method"], r["path"]) for r in res["rows"]] == [
+        ("cpu", "scores kept"), ("cpu_recompute", "recomputes S")]
+    assert "| cpu (scores kept) |" in stdout and "| cpu_recompute (recomputes S) |" in stdout
+
+
 def test_cli_reports_out_of_memory_instead_of_dropping_the_case(tmp_path):
     # The naive N x M affinity would be 160 GB: the case process hits its address-space limit.
     _, res = run_cli(tmp_path, "--shape", "1,200000,200000,8,8", "--backends", "naive",

@@ -329,6 +329,11 @@ def _op_samples(qualname: str, device: str, layout: str, dtype=torch.float32):
     if name == "softmax_bwd":
         y, lse = ops.op(qualname.replace("_bwd", "_fwd"))(t, p, g, 0.5)
         return (torch.randn_like(y), t, p, g, y, lse, 0.5)
+    if name == "softmax_keep_fwd":
+        return (t, p, g, 0.5, True)
+    if name == "softmax_keep_bwd":
+        y, lse, scores = ops.op(qualname.replace("_bwd", "_fwd"))(t, p, g, 0.5, True)
+        return (torch.randn_like(y), t, p, g, y, lse, scores, 0.5)
     if name == "dot_product":
         return (t, p, g, 0.25)
     if name == "dot_product_bwd":

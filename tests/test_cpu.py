@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nonlocal_kernels import nonlocal_attention, ops
+from nonlocal_kernels.backends import cpu as cpu_backend
 from nonlocal_kernels.backends import registry
 from nonlocal_kernels.modes import SOFTMAX_MODES
 from nonlocal_kernels.testing import assert_all_ok, compare_with_oracle, make_inputs
@@ -25,10 +26,14 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_first", "strided"]
-HAS_AVX2 = "avx2" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+_CPUINFO = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+HAS_AVX2 = "avx2" in _CPUINFO
+HAS_AVX512 = all(f in _CPUINFO.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
-# (GEMM path, kernel build) variants; the first is what users get on this machine.
-VARIANTS = [("vec", None), ("blas", None), ("vec", "default"), ("blas", "default")]
+# (GEMM path, kernel build) variants; the first is what users get on this machine (the AVX-512
+# build where the CPU has it, else AVX2, else the portable one), then the narrower builds.
+VARIANTS = ([("vec", None), ("blas", None)] + ([("vec", "avx2")] if HAS_AVX512 else []) +
+            [("vec", "default"), ("blas", "default")])
 
 
 @pytest.fixture
@@ -199,6 +204,14 @@ def test_bad_tuning_environment_is_reported(monkeypatch):
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", "fast")
     with pytest.raises(RuntimeError, match="NONLOCAL_KERNELS_CPU_GEMM"):
         nonlocal_attention(theta, phi, g, backend="cpu")
+    monkeypatch.delenv("NONLOCAL_KERNELS_CPU_GEMM")
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "sse")
+    with pytest.raises(RuntimeError, match="expected 'avx512', 'avx2' or 'default'"):
+        nonlocal_attention(theta, phi, g, backend="cpu")
+    if not HAS_AVX512:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            nonlocal_attention(theta, phi, g, backend="cpu")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ru_maxrss (Linux)")
@@ -221,3 +234,118 @@ def test_memory_does_not_grow_with_n_times_m():
     assert out.returncode == 0, out.stderr
     growth_mb = int(out.stdout.strip().splitlines()[-1])
     assert growth_mb < 64, f"peak RSS grew by {growth_mb} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept scores: the forward keeps S for the backward when it fits NONLOCAL_KERNELS_CPU_KEEP_MB.
+
+def _grads_on_path(path, theta, phi, g, monkeypatch, *, scale=0.37, dlse=True):
+    """y, lse and the gradients of (y, lse) through backend cpu on the given path ("scores
+    kept" or "recomputes S"), with the same upstream gradients every time (seeded)."""
+    monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024" if path == "scores kept" else "0")
+    leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
+    with registry.record_paths() as taken:
+        y, lse = nonlocal_attention(*leaves, scale=scale, backend="cpu", return_lse=True)
+    assert taken == [("softmax", path)]
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    outs, grads = ([y, lse], [dy, torch.randn(lse.shape, generator=gen).to(lse.dtype)]) if dlse \
+        else ([y], [dy])
+    return [y, lse] + list(torch.autograd.grad(outs, leaves, grads))
+
+
+@pytest.mark.parametrize("gemm", ["vec", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kept_scores_match_the_oracle_and_the_recomputed_path_bit_for_bit(gemm, dtype, layout,
+                                                                          monkeypatch):
+    """Both paths against the oracle (ragged tiles, odd head dims, dk != dv, gradient into lse),
+    and the kept path's gradients equal the recomputed path's bit for bit: the kept S is the S
+    the backward would recompute."""
+    small_tiles(monkeypatch)
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", gemm)
+    theta, phi, g = make_inputs(2, 45, 37, 19, 11, dtype=dtype, layout=layout)
+    for path in cpu_backend.PATHS[:2]:
+        monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024" if path == "scores kept" else "0")
+        with registry.record_paths() as taken:
+            assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.37,
+                                              return_lse=True))
+        assert ("softmax", path) in taken
+    kept = _grads_on_path("scores kept", theta, phi, g, monkeypatch)
+    recomputed = _grads_on_path("recomputes S", theta, phi, g, monkeypatch)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48)])
+def test_kept_scores_default_tiles_ragged_sizes(shape, monkeypatch):
+    theta, phi, g = make_inputs(*shape, dtype=torch.float32, layout="channels_first")
+    kept = _grads_on_path("scores kept", theta, phi, g, monkeypatch, scale=shape[3] ** -0.5)
+    recomputed = _grads_on_path("recomputes S", theta, phi, g, monkeypatch,
+                                scale=shape[3] ** -0.5)
+    for a, b in zip(kept, recomputed):
+        assert torch.equal(a, b)
+    monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024")
+    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
+
+
+def test_keep_budget_boundary_and_forward_only(monkeypatch):
+    """B·N·M·4 bytes of float32 scores (8 for float64) fit the budget or not; a call that will
+    not be differentiated never keeps them."""
+    theta, phi, g = (t.requires_grad_() for t in make_inputs(2, 45, 37, 3, 2))
+    nbytes = 2 * 45 * 37 * 4
+    for mb, path in ((nbytes / 2**20, "scores kept"), ((nbytes - 4) / 2**20, "recomputes S"),
+                     (0, "recomputes S")):
+        monkeypatch.setenv(cpu_backend.KEEP_ENV, repr(mb))
+        with registry.record_paths() as taken:
+            nonlocal_attention(theta, phi, g, backend="cpu")
+        assert taken == [("softmax", path)], (mb, taken)
+    monkeypatch.setenv(cpu_backend.KEEP_ENV, repr(nbytes / 2**20))  # float64: twice the bytes
+    with registry.record_paths() as taken:
+        nonlocal_attention(*(t.detach().double().requires_grad_() for t in (theta, phi, g)),
+                           backend="cpu")
+    assert taken == [("softmax", "recomputes S")]
+    monkeypatch.delenv(cpu_backend.KEEP_ENV)
+    with registry.record_paths() as taken, torch.no_grad():
+        nonlocal_attention(theta, phi, g, backend="cpu")
+    nonlocal_attention(theta.detach(), phi.detach(), g.detach(), backend="cpu")
+    assert taken == [("softmax", "forward only")] and registry.last_path() == "forward only"
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
+def test_bad_keep_budget_is_reported(value, monkeypatch):
+    theta, phi, g = (t.requires_grad_() for t in make_inputs(1, 5, 4, 3, 2))
+    monkeypatch.setenv(cpu_backend.KEEP_ENV, value)
+    with pytest.raises(ValueError, match=cpu_backend.KEEP_ENV):
+        nonlocal_attention(theta, phi, g, backend="cpu")
+
+
+def test_keep_ops_direct_calls():
+    theta, phi, g = make_inputs(2, 5, 4, 3, 2)
+    op = torch.ops.nonlocal_kernels
+    y, lse, scores = op.softmax_keep_fwd(theta, phi, g, 0.5, True)
+    assert scores.shape == (2, 5, 4) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, 0.5 * theta @ phi.transpose(1, 2))
+    y0, lse0, empty = op.softmax_keep_fwd(theta, phi, g, 0.5, False)
+    assert empty.shape == (2, 0, 0) and torch.equal(y, y0) and torch.equal(lse, lse0)
+    dy = torch.randn_like(y)
+    kept = op.softmax_keep_bwd(dy, theta, phi, g, y, lse, scores, 0.5)
+    for grads in (op.softmax_keep_bwd(dy, theta, phi, g, y, lse, empty, 0.5),
+                  op.softmax_bwd(dy, theta, phi, g, y, lse, 0.5)):
+        for a, b in zip(kept, grads):
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="scores: expected softmax_keep_fwd's third output"):
+        op.softmax_keep_bwd(dy, theta, phi, g, y, lse, scores[:, :4], 0.5)
+    with pytest.raises(RuntimeError, match="scores: expected dtype"):
+        op.softmax_keep_bwd(dy, theta, phi, g, y, lse, scores.double(), 0.5)
+    with pytest.raises(RuntimeError, match="scores: expected a contiguous"):
+        op.softmax_keep_bwd(dy, theta, phi, g, y, lse,
+                            scores.transpose(1, 2).contiguous().transpose(1, 2), 0.5)
+
+
+def test_kept_scores_are_deterministic(monkeypatch):
+    theta, phi, g = make_inputs(1, 700, 300, 24, 20, dtype=torch.float32)
+    runs = [_grads_on_path("scores kept", theta, phi, g, monkeypatch, scale=0.2)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -284,7 +284,7 @@ def test_torch_compile_op_gpu():
     case = _compile_case()
 
     def f(theta, phi, g):
-        return ops.SoftmaxAttention.apply("triton", L.NAMESPACE, theta, phi, g, 0.125)
+        return ops.SoftmaxAttention.apply("triton", L.NAMESPACE, None, theta, phi, g, 0.125)
 
     eager = _grads(f, *case)
     compiled = _grads(torch.compile(f, fullgraph=True), *case)

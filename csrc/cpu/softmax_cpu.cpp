@@ -5,7 +5,8 @@
 // Tuning knobs (environment, read at every call; for benchmarks and tests):
 //   NONLOCAL_KERNELS_CPU_GEMM = vec | blas   tile products via the Vectorized panel GEMM
 //                                             (default) or BLAS sgemm_/dgemm_ calls on tiles
-//   NONLOCAL_KERNELS_CPU_ISA  = avx2 | default   force a kernel table (default: best supported)
+//   NONLOCAL_KERNELS_CPU_ISA  = avx512 | avx2 | default   force a kernel table (default: the
+//                                             best the CPU supports)
 //   NONLOCAL_KERNELS_CPU_PACK = 1             blas path: always copy phi/g (contiguous)
 //   NONLOCAL_KERNELS_CPU_BM / _BN             query / key tile rows
 #include <ATen/ATen.h>
@@ -44,15 +45,23 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 const KernelTable& kernels() {
   std::string isa = env("NONLOCAL_KERNELS_CPU_ISA");
-  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "default",
-              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx2' or 'default', got '", isa, "'");
+  TORCH_CHECK(isa.empty() || isa == "avx512" || isa == "avx2" || isa == "default",
+              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx512', 'avx2' or 'default', got '", isa,
+              "'");
 #if defined(__x86_64__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c");
+  static const bool has_avx512 =
+      has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if ((isa.empty() || isa == "avx512") && has_avx512) return kKernelsAVX512;
+  TORCH_CHECK(isa != "avx512",
+              "NONLOCAL_KERNELS_CPU_ISA=avx512: this CPU has no AVX-512 F/BW/VL/DQ");
   if (isa != "default" && has_avx2) return kKernelsAVX2;
   TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA/F16C");
 #else
-  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: not an x86-64 build");
+  TORCH_CHECK(isa.empty() || isa == "default", "NONLOCAL_KERNELS_CPU_ISA=", isa,
+              ": not an x86-64 build");
 #endif
   return kKernelsDefault;
 }
@@ -72,13 +81,18 @@ DType to_dtype(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// GEMM path: the Vectorized panel GEMM ("vec", default) or BLAS on tiles ("blas").
-bool use_packed_path() {
+// GEMM path: the Vectorized panel GEMM ("vec") or BLAS on tiles ("blas"). Default: "blas" with
+// the AVX-512 kernel table when a BLAS is linked (torch's MKL runs its sgemm on AVX-512 there,
+// and took 5-20% less time than the panel GEMM forward+backward on the 2-core Xeon VM:
+// benchmarks/results/cpu-keep-scores-2026-11-30.md), else "vec" (5-11% faster than BLAS on an
+// AVX2 EPYC: benchmarks/results/cpu-kernel-2026-11-24.md, section 4).
+bool use_packed_path(const KernelTable& kt) {
   std::string mode = env("NONLOCAL_KERNELS_CPU_GEMM");
   TORCH_CHECK(mode.empty() || mode == "blas" || mode == "vec",
               "NONLOCAL_KERNELS_CPU_GEMM: expected 'blas' or 'vec', got '", mode, "'");
   TORCH_CHECK(mode != "blas" || blas_available(),
               "NONLOCAL_KERNELS_CPU_GEMM=blas: no BLAS sgemm_/dgemm_ is linked in this process");
+  if (mode.empty()) return !(std::string(kt.name) == "avx512" && blas_available());
   return mode != "blas";
 }
 
@@ -144,14 +158,18 @@ MatView prepare_operand(const at::Tensor& t, const KernelTable& kt, at::Tensor& 
   return MatView{dst, rows * cols, cols, 1};
 }
 
-// Tiles. Key tiles of BN rows (a multiple of the panel width, 16). Query tiles: about BM0 rows,
-// with their count per batch rounded up to a multiple of `multiple` so that the B * n_qtiles
-// forward tasks and the backward groups divide evenly among the threads.
-void choose_tiles(int64_t N, int64_t M, int64_t multiple, CpuPlan& plan) {
-  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", 64);
+// Tiles. Key tiles of BN rows (a multiple of 16 and of the panel width, `width`: 32 floats with
+// AVX-512). Query tiles: about BM0 rows, with their count per batch rounded up to a multiple of
+// `multiple` so that the B * n_qtiles forward tasks and the backward groups divide evenly among
+// the threads.
+void choose_tiles(int64_t N, int64_t M, int64_t multiple, int64_t width, CpuPlan& plan) {
+  // A BLAS call packs both its operands every time: taller query tiles amortise that (BM 256
+  // took 5-15% less time than 64 on the BLAS path, same VM and file as above).
+  const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", plan.packed ? 64 : 256);
   int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
-  bn = (bn + 15) / 16 * 16;
-  plan.BN = std::min(bn, (M + 15) / 16 * 16);
+  const int64_t w = std::max<int64_t>(16, width);  // 16, or the AVX-512 float panel's 32
+  bn = (bn + w - 1) / w * w;
+  plan.BN = std::min(bn, (M + w - 1) / w * w);
   int64_t nq = (N + bm0 - 1) / bm0;
   nq = std::min(N, (nq + multiple - 1) / multiple * multiple);
   plan.BM = (N + nq - 1) / nq;
@@ -193,13 +211,13 @@ CpuPlan make_plan(const at::Tensor& theta, const at::Tensor& phi, const at::Tens
   CpuPlan plan{};
   plan.dtype = to_dtype(theta, "theta");
   plan.scale = scale;
-  plan.packed = use_packed_path();
+  plan.packed = use_packed_path(kernels());
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t split = threads / std::gcd(B, threads);
   const int64_t esize = theta.scalar_type() == at::kDouble ? 8 : 4;
   plan.groups = backward_groups(B, M, theta.size(2), g.size(2), esize);
-  choose_tiles(N, M, std::lcm(split, plan.groups), plan);
+  choose_tiles(N, M, std::lcm(split, plan.groups), kernels().panel_width(plan.dtype), plan);
   return plan;
 }
 
@@ -211,19 +229,25 @@ void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::
               phi.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
-                                                   const at::Tensor& g, double scale) {
+// The forward; with `keep`, it also returns the scores S = scale * theta phi^T (B, N, M) in the
+// compute type (lse's dtype), else an empty (B, 0, 0) tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta,
+                                                       const at::Tensor& phi, const at::Tensor& g,
+                                                       double scale, bool keep) {
   check_cpu_inputs(theta, phi, g);
-  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dv = g.size(2);
+  const auto opts_a = theta.options().dtype(lse_dtype(theta.scalar_type()));
   at::Tensor y = new_output({B, N, dv}, theta.options());
-  at::Tensor lse = new_output({B, N}, theta.options().dtype(lse_dtype(theta.scalar_type())));
-  if (B == 0 || N == 0) return {y, lse};
+  at::Tensor lse = new_output({B, N}, opts_a);
+  at::Tensor scores = keep ? new_output({B, N, M}, opts_a) : at::empty({B, 0, 0}, opts_a);
+  if (B == 0 || N == 0) return {y, lse, scores};
 
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   set_y_lse(p, y, lse);
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
+  plan.scores = keep ? scores.mutable_data_ptr() : nullptr;
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
@@ -237,16 +261,24 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   }
   run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
   call_arena.trim(kCallArenaKeepBytes);
-  return {y, lse};
+  return {y, lse, scores};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                   const at::Tensor& g, double scale) {
+  auto out = forward(theta, phi, g, scale, false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+// The backward; `scores`: the forward's kept scores (B, N, M), or null to recompute them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
-    const at::Tensor& y, const at::Tensor& lse, double scale) {
+    const at::Tensor& y, const at::Tensor& lse, const at::Tensor* scores, double scale,
+    const char* op) {
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
                 dv = g.size(2);
-  check_softmax_bwd_inputs(dy, theta, g, y, lse, "softmax_bwd");
+  check_softmax_bwd_inputs(dy, theta, g, y, lse, op);
 
   at::Tensor dtheta = new_output_like(theta);
   at::Tensor dphi = new_output_like(phi);
@@ -264,6 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
+  plan.scores = scores != nullptr ? const_cast<void*>(scores->const_data_ptr()) : nullptr;
   const int64_t G = std::max<int64_t>(1, std::min(plan.groups, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
@@ -274,11 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
                                    ? Arena::bytes_for<double>(partial_n)
                                    : Arena::bytes_for<float>(partial_n);
   if (plan.packed) {
+    // scale * phi^T only serves to recompute S.
+    const bool need_kt = plan.scores == nullptr;
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
     const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
     const PanelSpec vt_spec{&g, g.stride(2), g.stride(1), dv, M, 1.0};
-    call_arena.reserve(kt_spec.bytes(kt) + k_spec.bytes(kt) + vt_spec.bytes(kt) + partial_bytes);
-    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    call_arena.reserve((need_kt ? kt_spec.bytes(kt) : 0) + k_spec.bytes(kt) + vt_spec.bytes(kt) +
+                       partial_bytes);
+    if (need_kt) plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
     plan.kp = prepare_panels(k_spec, kt, plan.k_bs);
     plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
   } else {
@@ -296,10 +332,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
   return {dtheta, dphi, dg};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, double scale) {
+  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_bwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Tensor& theta,
+                                                                    const at::Tensor& phi,
+                                                                    const at::Tensor& g,
+                                                                    double scale, bool keep) {
+  return forward(theta, phi, g, scale, keep);
+}
+
+// scores: softmax_keep_fwd's third output, (B, N, M) when it kept them, else (B, 0, 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
+    const at::Tensor& y, const at::Tensor& lse, const at::Tensor& scores, double scale) {
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
+  const bool kept = scores.dim() == 3 && scores.numel() > 0;
+  TORCH_CHECK(scores.dim() == 3 && scores.size(0) == B &&
+                  ((scores.size(1) == 0 && scores.size(2) == 0) ||
+                   (scores.size(1) == N && scores.size(2) == M)),
+              "softmax_keep_bwd: scores: expected softmax_keep_fwd's third output, (B, N, M) = (",
+              B, ", ", N, ", ", M, ") or (B, 0, 0) when not kept, got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == lse_dtype(theta.scalar_type()) &&
+                  scores.device() == theta.device(),
+              "softmax_keep_bwd: scores: expected dtype ", lse_dtype(theta.scalar_type()),
+              " on ", theta.device(), ", got ", scores.scalar_type(), " on ", scores.device());
+  if (kept) {
+    TORCH_CHECK(scores.is_contiguous(),
+                "softmax_keep_bwd: scores: expected a contiguous tensor (softmax_keep_fwd's "
+                "output as it is), got strides ", scores.strides());
+    return backward(dy, theta, phi, g, y, lse, &scores, scale, "softmax_keep_bwd");
+  }
+  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_keep_bwd");
+}
+
 }  // namespace
 }  // namespace nonlocal_kernels::cpu
 
 TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {
   m.impl("softmax_fwd", &nonlocal_kernels::cpu::softmax_fwd_cpu);
   m.impl("softmax_bwd", &nonlocal_kernels::cpu::softmax_bwd_cpu);
+  m.impl("softmax_keep_fwd", &nonlocal_kernels::cpu::softmax_keep_fwd_cpu);
+  m.impl("softmax_keep_bwd", &nonlocal_kernels::cpu::softmax_keep_bwd_cpu);
 }

@@ -1,7 +1,7 @@
 // CPU kernels of the softmax family (docs/design.md section 4): the interface between the op
 // registration (softmax_cpu.cpp: checks, allocation, at::parallel_for) and the tile kernels,
-// which are compiled once per instruction set (softmax_kernel_avx2.cpp with AVX2+FMA on x86-64,
-// softmax_kernel_default.cpp for any CPU) from softmax_kernel_impl.h and picked at run time.
+// which are compiled once per instruction set (softmax_kernel_avx512.cpp with AVX-512 and
+// softmax_kernel_avx2.cpp with AVX2+FMA on x86-64, softmax_kernel_default.cpp for any CPU) from softmax_kernel_impl.h and picked at run time.
 //
 // Work split (both passes are deterministic: no atomics, every sum has a fixed order):
 // - forward: one task per (batch, tile of BM query rows); it streams over key tiles of BN rows
@@ -59,6 +59,9 @@ struct CpuPlan {
   int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
+  // The scores S = scale * theta phi^T, (B, N, M) contiguous, compute type: written by a forward
+  // that keeps them, read by the backward instead of recomputing S. Null: not kept.
+  void* scores;
 };
 
 // Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):
@@ -143,10 +146,12 @@ struct KernelTable {
                  int64_t row_end);
 };
 
-// Defined by softmax_kernel_default.cpp (always) and softmax_kernel_avx2.cpp (x86-64 only).
+// Defined by softmax_kernel_default.cpp (always), softmax_kernel_avx2.cpp and
+// softmax_kernel_avx512.cpp (x86-64 only).
 extern const KernelTable kKernelsDefault;
 #if defined(__x86_64__)
 extern const KernelTable kKernelsAVX2;
+extern const KernelTable kKernelsAVX512;
 #endif
 
 // Whether a BLAS sgemm_/dgemm_ is linked into this process (torch's MKL/OpenBLAS).

@@ -131,9 +131,14 @@ inline int64_t panels(int64_t n, int64_t width) {
   return (n + width - 1) / width;
 }
 
+// Square blocks of ATen's float transpose: one vector of floats (8 with AVX2, 16 with AVX-512,
+// whose transpose_mxn<float, 8, 8> is a masked 16 x 16 one, four times the work).
+constexpr int64_t kTB = Vec<float>::size() >= 16 ? 16 : 8;
+
 // B-panels jb0..jb1 of the k x n matrix alpha * src(r, c), src(r, c) = src[r * rs + c * cs].
 // Row-major sources copy kNR contiguous values per row; column-major ones (rs == 1) go through
-// 8 x 8 blocks, so that both the reads and the writes stay within a few cache lines.
+// kTB x kTB (float) or 8 x 8 blocks, so that both the reads and the writes stay within a few
+// cache lines.
 template <typename A, typename S>
 void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha, A* dst,
             int64_t jb0, int64_t jb1) {
@@ -150,13 +155,13 @@ void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, A alpha,
     } else if (rs == 1 && cs != 1) {
       int64_t kk0 = 0;
       if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-        if (cn == NR) {  // whole 8 x 8 blocks through ATen's (AVX2) transpose
-          for (; kk0 + 8 <= k; kk0 += 8) {
-            for (int64_t j0 = 0; j0 < NR; j0 += 8)
-              at::vec::transpose_mxn<float, 8, 8>(src + (c0 + j0) * cs + kk0, cs,
-                                                  d + kk0 * NR + j0, NR);
+        if (cn == NR) {  // whole kTB x kTB blocks through ATen's (AVX2 / AVX-512) transpose
+          for (; kk0 + kTB <= k; kk0 += kTB) {
+            for (int64_t j0 = 0; j0 < NR; j0 += kTB)
+              at::vec::transpose_mxn<float, kTB, kTB>(src + (c0 + j0) * cs + kk0, cs,
+                                                      d + kk0 * NR + j0, NR);
             if (alpha != A(1))
-              for (int64_t i = 0; i < 8 * NR; i += Vec<A>::size())
+              for (int64_t i = 0; i < kTB * NR; i += Vec<A>::size())
                 (Vec<A>::loadu(d + kk0 * NR + i) * Vec<A>(alpha)).store(d + kk0 * NR + i);
           }
         }
@@ -396,21 +401,21 @@ T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x = exp(x - sub) in place; returns the sum of the new x.
+// x = exp(src - sub) (src may be x itself); returns the sum of the new x.
 template <typename T>
-T exp_sub_sum(T* x, int64_t n, T sub) {
+T exp_sub_sum(const T* src, T* x, int64_t n, T sub) {
   constexpr int64_t V = Vec<T>::size();
   const Vec<T> s(sub);
   Vec<T> acc(T(0));
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    Vec<T> e = vexp(Vec<T>::loadu(x + j) - s);
+    Vec<T> e = vexp(Vec<T>::loadu(src + j) - s);
     e.store(x + j);
     acc = acc + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
-    Vec<T> e = vexp(Vec<T>::loadu(x + j, rest) - s);
+    Vec<T> e = vexp(Vec<T>::loadu(src + j, rest) - s);
     e.store(x + j, rest);
     T tmp[V] = {};
     e.store(tmp, rest);
@@ -439,7 +444,7 @@ template <typename S>
 void dot_sum_double(const S* x, const S* y, int64_t n, double& dot, double& sum) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, xs[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     // The same 8 partial sums, 4 + 4 lanes of two AVX2 registers: float -> double, then FMA
     // (exact: the product of two floats fits a double).
@@ -516,18 +521,18 @@ void store_tile(const A* src, int64_t ld, int64_t rows, int64_t cols, S* dst, in
   if (rs == 1 && cs != 1) {
     int64_t r_full = 0;
     if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float>) {
-      // Whole 8 x 8 blocks: scaled into `blk`, then ATen's (AVX2) transpose into dst.
-      r_full = rows / 8 * 8;
-      const int64_t c_full = cols / 8 * 8;
-      alignas(64) float blk[64];
+      // Whole kTB x kTB blocks: scaled into `blk`, then ATen's transpose into dst.
+      r_full = rows / kTB * kTB;
+      const int64_t c_full = cols / kTB * kTB;
+      alignas(64) float blk[kTB * kTB];
       const Vec<A> av(alpha);
-      for (int64_t c0 = 0; c0 < c_full; c0 += 8)
-        for (int64_t r0 = 0; r0 < r_full; r0 += 8) {
-          for (int64_t i = 0; i < 8; ++i)
-            (Vec<A>::loadu(src + (r0 + i) * ld + c0, 8) * av).store(blk + i * 8, 8);
-          at::vec::transpose_mxn<float, 8, 8>(blk, 8, dst + c0 * cs + r0, cs);
+      for (int64_t c0 = 0; c0 < c_full; c0 += kTB)
+        for (int64_t r0 = 0; r0 < r_full; r0 += kTB) {
+          for (int64_t i = 0; i < kTB; ++i)
+            (Vec<A>::loadu(src + (r0 + i) * ld + c0, kTB) * av).store(blk + i * kTB, kTB);
+          at::vec::transpose_mxn<float, kTB, kTB>(blk, kTB, dst + c0 * cs + r0, cs);
         }
-      for (int64_t c = c_full; c < cols; ++c)  // the last cols % 8 columns, rows < r_full
+      for (int64_t c = c_full; c < cols; ++c)  // the last cols % kTB columns, rows < r_full
         for (int64_t r = 0; r < r_full; ++r) dst[c * cs + r] = alpha * src[r * ld + c];
     }
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {  // the rows from r_full on
@@ -594,7 +599,7 @@ void pack_panels_impl(const void* src_v, int64_t bs, int64_t rs, int64_t cs, int
 template <typename A>
 inline void online_softmax_row(A* srow, int64_t bn, A& m, double& l, A* acc_row, int64_t dv) {
   const A m_new = std::max(m, row_max(srow, bn));
-  const A sum = exp_sub_sum(srow, bn, m_new);
+  const A sum = exp_sub_sum(srow, srow, bn, m_new);
   if (m != -std::numeric_limits<A>::infinity() && m != m_new) {
     const A alpha = std::exp(m - m_new);
     l *= static_cast<double>(alpha);
@@ -714,6 +719,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
+  A* kept = static_cast<A*>(plan.scores);  // (B, N, M) or null
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
 
   for (int64_t task; tasks.next(task);) {
@@ -731,8 +737,11 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
     std::fill(lrow, lrow + bm, 0.0);
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
-      // S = scale theta phi_j^T
+      // S = scale theta phi_j^T, kept for the backward when the call asks for it
       times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+      if (kept != nullptr)
+        for (int64_t r = 0; r < bm; ++r)
+          std::memcpy(kept + (b * N + i0 + r) * M + j0, s + r * LS, size_t(bn) * sizeof(A));
       for (int64_t r = 0; r < bm; ++r)
         online_softmax_row(s + r * LS, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
@@ -752,7 +761,8 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 }
 
 // Backward of one (batch, query-tile group) task. Per query tile, two passes over the key tiles:
-//  1. P = exp(S - lse) (S recomputed bit for bit as in the forward), dg_j += P^T dy,
+//  1. P = exp(S - lse) (S read from the forward's kept scores when the call has them, else
+//     recomputed bit for bit as in the forward), dg_j += P^T dy,
 //     dP = dy g_j^T; both tiles are kept (a BM x M row panel each, per thread), and
 //     D_i = sum_j P_ij dP_ij is summed in double;
 //  2. dS = P * (dP - D), dphi_j += dS^T (scale theta), dtheta += dS phi_j.
@@ -818,6 +828,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const S* y = static_cast<const S*>(p.y);
   const S* gin = static_cast<const S*>(p.g);
   const A* lse = static_cast<const A*>(p.lse);
+  const A* kept = static_cast<const A*>(plan.scores);  // (B, N, M) or null: recompute S
   S* dtheta = static_cast<S*>(p.dtheta);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
   const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
@@ -853,7 +864,8 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       const S* dysrc = dy + b * p.dy_stride[0] + i0 * ds1;
       View<A> qv{q, dk, 1}, dyv{dyt, dv, 1};
       if constexpr (kPacked) {
-        qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);  // unscaled: scale is in phi^T panels
+        // unscaled: scale is in phi^T panels; only S needs it
+        if (kept == nullptr) qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);
         dyv = a_operand<S, A>(dysrc, ds1, ds2, bm, dv, dyt);
         pack_b<A, S>(tsrc, ts1, ts2, bm, dk, scale, qbp, 0, panels<A>(dk, NR));
         pack_b<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dybp, 0, panels<A>(dv, NR));
@@ -872,9 +884,15 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         A* s = s_all + (j0 / BN) * BM * LS;
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> pt{s, 1, LS};  // P^T
-        // P = exp(S - lse), S = scale theta phi_j^T (bit for bit the forward's S)
-        times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
-        for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, bn, L[r]);
+        // P = exp(S - lse), S = scale theta phi_j^T: the forward's S, kept or recomputed bit
+        // for bit
+        if (kept != nullptr) {
+          for (int64_t r = 0; r < bm; ++r)
+            exp_sub_sum(kept + (b * N + i0 + r) * M + j0, s + r * LS, bn, L[r]);
+        } else {
+          times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, s + r * LS, bn, L[r]);
+        }
         // dg_j += P^T dy
         times_query_tile<A, kPacked>(gemm, pt, dybp, dyv, bn, bm, dv, acc_kv, dvp + j0 * dv, dv,
                                      edge);

@@ -55,9 +55,10 @@ Precision: a, b and every sum are computed in float32 from float16/bfloat16 inpu
 float64 inputs) and the results are rounded to the input dtype at the end. The pure-PyTorch da
 runs in row chunks (which bound per-call temporaries at long-video sizes).
 
-Debug hook: :func:`last_path` / :func:`record_paths` say which path a call took ("reordered",
-"naive" or "sorted"); :func:`force_dot_product_path` overrides the cost model (tests,
-benchmarks). The hook state is process-global and not thread-safe (it is a debugging aid).
+Debug hook: :func:`last_path` / :func:`record_paths` (the registry's, shared with backend cpu)
+say which path a call took ("reordered", "naive" or "sorted"); :func:`force_dot_product_path`
+overrides the cost model (tests, benchmarks). The hook state is process-global and not
+thread-safe (it is a debugging aid).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..modes import FLOAT_DTYPES, MODES
-from .registry import Backend, register
+from .registry import Backend, last_path, record_paths, register  # noqa: F401 (re-exported)
+from .registry import note_path as _note
 
 DOT_PATHS = ("reordered", "naive")
 
@@ -81,30 +83,12 @@ DOT_PATHS = ("reordered", "naive")
 _CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _CHUNK_ELEMENTS_OTHER = 1 << 24
 
-_last_path: Optional[str] = None
-_records: Optional[list] = None
 _forced_dot_path: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
 # Debug hook and cost model
 # ---------------------------------------------------------------------------------------------
-
-def last_path() -> Optional[str]:
-    """The path taken by the most recent call of this backend (None before the first)."""
-    return _last_path
-
-
-@contextlib.contextmanager
-def record_paths() -> Iterator[list]:
-    """Collect (mode, path) for every call of this backend inside the ``with`` block."""
-    global _records
-    outer, _records = _records, []
-    try:
-        yield _records
-    finally:
-        _records = outer
-
 
 @contextlib.contextmanager
 def force_dot_product_path(path: Optional[str]) -> Iterator[None]:
@@ -117,13 +101,6 @@ def force_dot_product_path(path: Optional[str]) -> Iterator[None]:
         yield
     finally:
         _forced_dot_path = outer
-
-
-def _note(mode: str, path: str) -> None:
-    global _last_path
-    _last_path = path
-    if _records is not None:
-        _records.append((mode, path))
 
 
 def dot_product_flops(N: int, M: int, dk: int, dv: int) -> dict:

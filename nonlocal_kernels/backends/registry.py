@@ -26,8 +26,9 @@ nothing runs), so a model built on the meta device can hold any backend's blocks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -99,20 +100,54 @@ class Backend:
 
 def softmax_backend(*, name: str, namespace: str, dispatch_key: str, description: str,
                     devices: tuple, dtypes: tuple, priority: int, how_to_enable: str,
-                    not_loaded: Optional[str] = None, auto: bool = True) -> Backend:
+                    not_loaded: Optional[str] = None, auto: bool = True,
+                    keep: Optional[Callable] = None) -> Backend:
     """The declaration of a backend that runs the softmax family through namespace's
     softmax_fwd / softmax_bwd ops (ops.SoftmaxAttention). ``not_loaded``: why the library that
     registers the ops failed to load, if it did. Availability is decided here, once:
-    torch.compile traces backend selection, and the dispatcher queries are not traceable."""
-    reason = not_loaded or ops.kernel_unavailable_reason(dispatch_key, namespace)
+    torch.compile traces backend selection, and the dispatcher queries are not traceable.
+    ``keep(theta, phi, g) -> bool``: the backend runs namespace's softmax_keep_fwd /
+    softmax_keep_bwd instead, and this decides per call whether the forward keeps the scores."""
+    names = ("softmax_fwd", "softmax_bwd") + (("softmax_keep_fwd", "softmax_keep_bwd")
+                                              if keep is not None else ())
+    reason = not_loaded or ops.kernel_unavailable_reason(dispatch_key, namespace, names)
     return Backend(name=name, description=description, families=("softmax",), dtypes=dtypes,
-                   devices=devices, run=ops.softmax_runner(name, namespace), priority=priority,
-                   unavailable_reason=lambda: reason, how_to_enable=how_to_enable, auto=auto,
-                   ops=(f"{namespace}::softmax_fwd", f"{namespace}::softmax_bwd"),
-                   namespace=namespace)
+                   devices=devices, run=ops.softmax_runner(name, namespace, keep),
+                   priority=priority, unavailable_reason=lambda: reason,
+                   how_to_enable=how_to_enable, auto=auto,
+                   ops=tuple(f"{namespace}::{n}" for n in names), namespace=namespace)
 
 
 _REGISTRY: dict[str, Backend] = {}
+
+# Debug hook: the path a call took, for backends that choose one per call (fast: "reordered",
+# "naive", "sorted"; cpu: whether the scores were kept for the backward). Process-global and
+# not thread-safe (a debugging and benchmarking aid).
+_last_path: Optional[str] = None
+_records: Optional[list] = None
+
+
+def last_path() -> Optional[str]:
+    """The path taken by the most recent call that noted one (None before the first)."""
+    return _last_path
+
+
+@contextlib.contextmanager
+def record_paths() -> Iterator[list]:
+    """Collect (mode, path) for every call that notes its path inside the ``with`` block."""
+    global _records
+    outer, _records = _records, []
+    try:
+        yield _records
+    finally:
+        _records = outer
+
+
+def note_path(mode: str, path: str) -> None:
+    global _last_path
+    _last_path = path
+    if _records is not None:
+        _records.append((mode, path))
 
 
 def register(backend: Backend) -> Backend:
