@@ -51,8 +51,11 @@ def keep_budget_bytes() -> int:
 
 
 def keeps_scores(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> bool:
-    """Whether this call's forward keeps the scores for its backward (and notes the path)."""
-    if not (torch.is_grad_enabled() and
+    """Whether this call's forward keeps the scores for its backward (and notes the path).
+    Never under torch.export: an exported program (and the ONNX export built on it) is for
+    inference, where kept scores would only be an N x M tensor in the graph."""
+    if torch.compiler.is_exporting() or not (
+            torch.is_grad_enabled() and
             (theta.requires_grad or phi.requires_grad or g.requires_grad)):
         note_path("softmax", PATHS[2])
         return False
