@@ -567,7 +567,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
                     return ops.run_op(ops.op(f"{ctx.namespace}::softmax_bwd"), dy, theta, phi,
                                       g, y, lse, scale)
                 return ops.SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y,
-                                                 lse, scale)
+                                                 lse, None, scale)  # None: no kept scores
             dtheta, dphi_all, dg_all = ops.softmax_grads(bwd, dy, dlse, theta, keys[..., :dk],
                                                          keys[..., dk:], y, lse, ctx.scale)
         dphi = dg = None
