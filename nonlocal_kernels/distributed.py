@@ -562,12 +562,7 @@ class SoftmaxContextParallel(torch.autograd.Function):
             dtheta = torch.zeros_like(theta)
             dphi_all, dg_all = _zero_key_grads(keys, dk, dy, dlse)
         else:
-            def bwd(dy, theta, phi, g, y, lse, scale):
-                if not torch.is_grad_enabled():  # no graph to record: the op alone
-                    return ops.run_op(ops.op(f"{ctx.namespace}::softmax_bwd"), dy, theta, phi,
-                                      g, y, lse, scale)
-                return ops.SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y,
-                                                 lse, None, scale)  # None: no kept scores
+            bwd = ops.softmax_bwd_fn(ctx.who, ctx.namespace, None)  # None: S is recomputed
             dtheta, dphi_all, dg_all = ops.softmax_grads(bwd, dy, dlse, theta, keys[..., :dk],
                                                          keys[..., dk:], y, lse, ctx.scale)
         dphi = dg = None

@@ -331,6 +331,17 @@ class SoftmaxBackward(torch.autograd.Function):
             info, in_dims[2:], *args)
 
 
+def softmax_bwd_fn(who: str, namespace: str, scores) -> Callable:
+    """``bwd(dy, theta, phi, g, y, lse, scale)`` for :func:`softmax_grads`: namespace's backward
+    op (with the forward's kept ``scores``, or None), alone when no graph is recorded, else
+    through SoftmaxBackward (whose own backward refuses, naming ``who``)."""
+    def bwd(dy, theta, phi, g, y, lse, scale):
+        if not torch.is_grad_enabled():  # no graph to record: the op alone
+            return _softmax_bwd_call(namespace, dy, theta, phi, g, y, lse, scores, scale)
+        return SoftmaxBackward.apply(who, namespace, dy, theta, phi, g, y, lse, scores, scale)
+    return bwd
+
+
 @fast_apply
 class SoftmaxAttention(torch.autograd.Function):
     """``apply(who, namespace, keep, theta, phi, g, scale)`` through namespace's softmax ops;
@@ -352,12 +363,7 @@ class SoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlse, *_):  # *_: the scores' gradient (they are not differentiable)
         theta, phi, g, y, lse, scores = _softmax_saved(ctx)
-
-        def bwd(dy, theta, phi, g, y, lse, scale):
-            if not torch.is_grad_enabled():  # no graph to record: the op alone
-                return _softmax_bwd_call(ctx.namespace, dy, theta, phi, g, y, lse, scores, scale)
-            return SoftmaxBackward.apply(ctx.who, ctx.namespace, dy, theta, phi, g, y, lse,
-                                         scores, scale)
+        bwd = softmax_bwd_fn(ctx.who, ctx.namespace, scores)
         return (None, None, None) + softmax_grads(bwd, dy, dlse, theta, phi, g, y, lse,
                                                   ctx.scale) + (None,)
 
