@@ -75,9 +75,9 @@ def _fast_pytorch(theta, phi, g, concat_weight, mode, scale):
                                                    concat_weight=concat_weight, backend="fast")
 
 
-def _cpu_recompute(theta, phi, g, concat_weight, mode, scale):
-    """Backend cpu with kept scores switched off (NONLOCAL_KERNELS_CPU_KEEP_MB=0 for the call):
-    its backward recomputes S, as the kernel did before it could keep them."""
+def _cpu_tiled(theta, phi, g, concat_weight, mode, scale):
+    """Backend cpu on its tiled path at every size (NONLOCAL_KERNELS_CPU_KEEP_MB=0 for the
+    call): what it runs above the budget, to compare with its whole-batch path below it."""
     from nonlocal_kernels.backends import cpu
     old = os.environ.get(cpu.KEEP_ENV)
     os.environ[cpu.KEEP_ENV] = "0"
@@ -103,8 +103,8 @@ BASELINES: dict = {
 }
 # Methods that run only when named (--backends), never by default.
 OPT_IN: dict = {
-    "cpu_recompute": (_cpu_recompute, SOFTMAX_MODES, ("cpu",),
-                      "backend cpu, its backward recomputing S (scores never kept)"),
+    "cpu_tiled": (_cpu_tiled, SOFTMAX_MODES, ("cpu",),
+                  "backend cpu on its tiled path at every size (budget 0)"),
 }
 for _name, _sdpa, _devices in (
         ("torch_sdpa_flash", "FLASH_ATTENTION", ("cpu", "cuda")),

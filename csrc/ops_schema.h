@@ -14,10 +14,11 @@ inline void define_softmax_ops(torch::Library& m) {
       "float scale) -> (Tensor dtheta, Tensor dphi, Tensor dg)");
 }
 
-// The CPU kernel's variant of the pair (nonlocal_kernels namespace, CPU key only): the forward
-// can keep the scores S = scale * theta phi^T (B, N, M; lse's dtype) for the backward, which
-// then reads them instead of recomputing S. keep = false: scores is an empty (B, 0, 0) tensor
-// and the backward recomputes, as softmax_bwd does. Who keeps, and when: docs/cpu.md.
+// The CPU kernel's whole-batch variant of the pair (nonlocal_kernels namespace, CPU key only):
+// the forward can keep its softmax P = softmax(scale * theta phi^T) (B, N, M; lse's dtype) for
+// the backward, which then reads it instead of recomputing anything. keep = false: scores is an
+// empty (B, 0, 0) tensor, and the backward given one recomputes, as softmax_bwd does. Which
+// pair runs, and when: docs/cpu.md.
 inline void define_softmax_keep_ops(torch::Library& m) {
   m.def(
       "softmax_keep_fwd(Tensor theta, Tensor phi, Tensor g, float scale, bool keep) -> "

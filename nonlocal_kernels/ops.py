@@ -376,12 +376,12 @@ class SoftmaxAttention(torch.autograd.Function):
 
 def softmax_runner(who: str, namespace: str, keep: Optional[Callable] = None) -> Callable:
     """A softmax backend's ``run``: SoftmaxAttention over namespace's ops. ``keep``: for a
-    namespace with the softmax_keep ops, ``keep(theta, phi, g) -> bool`` decides per call
-    whether the forward keeps the scores for the backward: softmax_keep_fwd when it does, the
-    family's softmax_fwd when it does not (so a graph that keeps nothing, an inference export
-    for one, holds the family's ops only)."""
+    namespace with the softmax_keep ops, ``keep(theta, phi, g) -> Optional[bool]`` decides per
+    call: True or False, softmax_keep_fwd with that ``keep`` (whether it returns the scores for
+    the backward); None, the family's softmax_fwd (so a graph that keeps nothing, an inference
+    export for one, holds the family's ops only)."""
     def run(theta, phi, g, *, mode, scale, concat_weight, return_lse):
-        k = True if keep is not None and keep(theta, phi, g) else None
+        k = keep(theta, phi, g) if keep is not None else None
         y, lse = SoftmaxAttention.apply(who, namespace, k, theta, phi, g, float(scale))[:2]
         return (y, lse) if return_lse else y
     return run

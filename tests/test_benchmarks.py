@@ -44,11 +44,11 @@ def test_cli_rows_say_which_cpu_path_ran(tmp_path):
     from nonlocal_kernels.backends import registry
     if registry.get("cpu").unavailable_reason() is not None:
         pytest.skip("backend cpu is not built")
-    stdout, res = run_cli(tmp_path, "--shape", "1,64,40,8,8", "--backends", "cpu,cpu_recompute",
+    stdout, res = run_cli(tmp_path, "--shape", "1,64,40,8,8", "--backends", "cpu,cpu_tiled",
                           "--repeats", "2", "--budget", "1", "--no-plots")
     assert [(r["method"], r["path"]) for r in res["rows"]] == [
-        ("cpu", "scores kept"), ("cpu_recompute", "recomputes S")]
-    assert "| cpu (scores kept) |" in stdout and "| cpu_recompute (recomputes S) |" in stdout
+        ("cpu", "scores kept"), ("cpu_tiled", "recomputes S")]
+    assert "| cpu (scores kept) |" in stdout and "| cpu_tiled (recomputes S) |" in stdout
 
 
 def test_cli_reports_out_of_memory_instead_of_dropping_the_case(tmp_path):

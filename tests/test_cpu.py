@@ -1,6 +1,8 @@
-"""Backend ``cpu``: the fused tiled C++ kernel (csrc/cpu/) against the float64 oracle.
+"""Backend ``cpu``: the C++ kernel (csrc/cpu/) against the float64 oracle.
 
-Both GEMM paths (the Vectorized panel GEMM, default, and BLAS on tiles) and both kernel builds
+Two paths: the whole-batch one (calls whose B·N·M scores fit NONLOCAL_KERNELS_CPU_KEEP_MB, every
+small test input under the default budget) and the tiled one (above it; tests force it with a
+budget of 0). On the tiled path, both GEMM paths (the Vectorized panel GEMM, default, and BLAS on tiles) and both kernel builds
 (AVX2 and the portable one) are selected through NONLOCAL_KERNELS_CPU_* (read at every call);
 tiny tiles (NONLOCAL_KERNELS_CPU_BM/BN) make small inputs span many ragged query and key tiles,
 so the online-softmax rescaling and the backward's per-group partial sums all run.
@@ -18,7 +20,8 @@ from nonlocal_kernels import nonlocal_attention, ops
 from nonlocal_kernels.backends import cpu as cpu_backend
 from nonlocal_kernels.backends import registry
 from nonlocal_kernels.modes import SOFTMAX_MODES
-from nonlocal_kernels.testing import assert_all_ok, compare_with_oracle, make_inputs
+from nonlocal_kernels.testing import (assert_all_ok, check_close, compare_with_oracle,
+                                      make_inputs)
 
 pytestmark = pytest.mark.skipif(
     ops.extension_unavailable_reason() is not None or ops.kernel_unavailable_reason("CPU"),
@@ -36,16 +39,35 @@ VARIANTS = ([("vec", None), ("blas", None)] + ([("vec", "avx2")] if HAS_AVX512 e
             [("vec", "default"), ("blas", "default")])
 
 
+def use_path(monkeypatch, path):
+    """"whole" (the whole-batch path: any budget these small inputs fit) or "tiled" (budget 0)."""
+    assert path in ("whole", "tiled")
+    monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024" if path == "whole" else "0")
+
+
 @pytest.fixture
 def variant(request, monkeypatch):
+    """A (GEMM path, kernel build) of the tiled path ("whole": the whole-batch path instead)."""
     gemm, isa = request.param
+    if gemm == "whole":
+        use_path(monkeypatch, "whole")
+        return request.param
+    use_path(monkeypatch, "tiled")
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", gemm)
     if isa is not None:
         monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
     return request.param
 
 
+@pytest.fixture(params=["whole", "tiled"])
+def path(request, monkeypatch):
+    use_path(monkeypatch, request.param)
+    return request.param
+
+
 def small_tiles(monkeypatch, bm=7, bn=5):
+    """Tiny tiles on the tiled path."""
+    use_path(monkeypatch, "tiled")
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_BM", str(bm))
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_BN", str(bn))  # rounded up to 16 key rows
 
@@ -90,14 +112,15 @@ def test_backward_p_is_the_forwards_softmax(gemm, layout, seeds, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48),
                                    (1, 64, 700, 2, 3)])
-def test_default_tiles_ragged_sizes(dtype, shape):
-    """Default tile sizes: several key tiles of 256 rows with a ragged last one."""
+def test_default_tiles_ragged_sizes(dtype, shape, path):
+    """Default tile sizes: several key tiles of 256 rows with a ragged last one (tiled path);
+    rows of the score buffer of odd lengths (whole batch)."""
     theta, phi, g = make_inputs(*shape, dtype=dtype, layout="channels_first")
     assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 2, 3, 2), (1, 1, 3, 1, 1), (3, 2, 5, 1, 4)])
-def test_tiny_shapes_float64(shape):
+def test_tiny_shapes_float64(shape, path):
     """A handful of output elements: float64 only, where the rule's reference error is not a
     lottery over a few low-precision roundings."""
     theta, phi, g = make_inputs(*shape, dtype=torch.float64)
@@ -119,8 +142,9 @@ def test_large_head_dims_low_precision_and_many_tiles(dtype, monkeypatch):
                                       return_lse=True))
 
 
-def test_gradient_through_lse_only(monkeypatch):
-    small_tiles(monkeypatch)
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "small-tiles"])
+def test_gradient_through_lse_only(whole, monkeypatch):
+    use_path(monkeypatch, "whole") if whole else small_tiles(monkeypatch)
     theta, phi, g = (t.detach().requires_grad_() for t in
                      make_inputs(2, 20, 18, 6, 5, dtype=torch.float64))
     _, lse = nonlocal_attention(theta, phi, g, scale=0.5, backend="cpu", return_lse=True)
@@ -134,12 +158,13 @@ def test_gradient_through_lse_only(monkeypatch):
     assert got[2].abs().max() == 0  # lse does not depend on g
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_zero_columns_of_g_and_gradient_into_y_and_lse(dtype, monkeypatch):
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "small-tiles"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_columns_of_g_and_gradient_into_y_and_lse(dtype, whole, monkeypatch):
     """The backward takes D from its own P and dP, except for all-zero columns of g, whose share
     dy * y comes from y as given (how a gradient into lse reaches the kernel): real zero columns
     of g, with gradients flowing into both y and lse, several key tiles."""
-    small_tiles(monkeypatch)
+    use_path(monkeypatch, "whole") if whole else small_tiles(monkeypatch)
     theta, phi, g = make_inputs(2, 30, 40, 6, 7, dtype=dtype, layout="contiguous")
     g[..., 2] = 0
     g[1, :, 5] = 0  # zero in one batch only
@@ -147,10 +172,14 @@ def test_zero_columns_of_g_and_gradient_into_y_and_lse(dtype, monkeypatch):
                                       return_lse=True))
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:2], indirect=True, ids=lambda v: v[0])
+@pytest.mark.parametrize("variant", VARIANTS[:2] + [("whole", None)], indirect=True,
+                         ids=lambda v: v[0])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_first"])
 def test_gradcheck_float64(variant, layout, monkeypatch):
-    small_tiles(monkeypatch, bm=4, bn=3)
+    if variant[0] == "whole":
+        use_path(monkeypatch, "whole")
+    else:
+        small_tiles(monkeypatch, bm=4, bn=3)
     theta, phi, g = (t.detach().requires_grad_() for t in
                      make_inputs(2, 9, 19, 3, 4, dtype=torch.float64, layout=layout))
 
@@ -237,12 +266,13 @@ def test_memory_does_not_grow_with_n_times_m():
 
 
 # ---------------------------------------------------------------------------------------------
-# Kept scores: the forward keeps S for the backward when it fits NONLOCAL_KERNELS_CPU_KEEP_MB.
+# The whole-batch path: calls whose B·N·M scores fit NONLOCAL_KERNELS_CPU_KEEP_MB; the forward's
+# softmax P is kept for the backward when the call will be differentiated.
 
 def _grads_on_path(path, theta, phi, g, monkeypatch, *, scale=0.37, dlse=True):
     """y, lse and the gradients of (y, lse) through backend cpu on the given path ("scores
     kept" or "recomputes S"), with the same upstream gradients every time (seeded)."""
-    monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024" if path == "scores kept" else "0")
+    use_path(monkeypatch, "whole" if path == "scores kept" else "tiled")
     leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
     with registry.record_paths() as taken:
         y, lse = nonlocal_attention(*leaves, scale=scale, backend="cpu", return_lse=True)
@@ -254,44 +284,45 @@ def _grads_on_path(path, theta, phi, g, monkeypatch, *, scale=0.37, dlse=True):
     return [y, lse] + list(torch.autograd.grad(outs, leaves, grads))
 
 
-@pytest.mark.parametrize("gemm", ["vec", "blas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_kept_scores_match_the_oracle_and_the_recomputed_path_bit_for_bit(gemm, dtype, layout,
-                                                                          monkeypatch):
-    """Both paths against the oracle (ragged tiles, odd head dims, dk != dv, gradient into lse),
-    and the kept path's gradients equal the recomputed path's bit for bit: the kept S is the S
-    the backward would recompute."""
-    small_tiles(monkeypatch)
-    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", gemm)
+def test_whole_batch_path_matches_the_oracle(dtype, layout, monkeypatch):
+    """Forward+backward (ragged odd sizes, dk != dv, a gradient into lse) and the forward of a
+    call that will not be differentiated, each on the path it should take."""
+    use_path(monkeypatch, "whole")
     theta, phi, g = make_inputs(2, 45, 37, 19, 11, dtype=dtype, layout=layout)
-    for path in cpu_backend.PATHS[:2]:
-        monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024" if path == "scores kept" else "0")
-        with registry.record_paths() as taken:
-            assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.37,
-                                              return_lse=True))
-        assert ("softmax", path) in taken
-    kept = _grads_on_path("scores kept", theta, phi, g, monkeypatch)
-    recomputed = _grads_on_path("recomputes S", theta, phi, g, monkeypatch)
-    for a, b in zip(kept, recomputed):
-        assert torch.equal(a, b)
+    with registry.record_paths() as taken:
+        assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.37,
+                                          return_lse=True))
+    assert ("softmax", "scores kept") in taken
+    with registry.record_paths() as taken, torch.no_grad():
+        y, lse = nonlocal_attention(theta, phi, g, scale=0.37, backend="cpu", return_lse=True)
+    assert taken == [("softmax", "forward, whole batch")]
+    args = [t.to(torch.float64) for t in (theta, phi, g)]
+    y64, lse64 = nonlocal_attention(*args, scale=0.37, backend="reference", return_lse=True)
+    ylp, lselp = nonlocal_attention(theta, phi, g, scale=0.37, backend="reference",
+                                    return_lse=True)
+    assert_all_ok([check_close(y, ylp, y64, name="y"), check_close(lse, lselp, lse64, name="lse")])
 
 
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48)])
-def test_kept_scores_default_tiles_ragged_sizes(shape, monkeypatch):
+def test_both_paths_agree_within_the_rule_and_with_each_other(shape, monkeypatch):
+    """The two paths are different algorithms (batched products against tiles), so they round
+    differently; both pass the rule, and they agree to float32 rounding."""
     theta, phi, g = make_inputs(*shape, dtype=torch.float32, layout="channels_first")
     kept = _grads_on_path("scores kept", theta, phi, g, monkeypatch, scale=shape[3] ** -0.5)
     recomputed = _grads_on_path("recomputes S", theta, phi, g, monkeypatch,
                                 scale=shape[3] ** -0.5)
     for a, b in zip(kept, recomputed):
-        assert torch.equal(a, b)
-    monkeypatch.setenv(cpu_backend.KEEP_ENV, "1024")
-    assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for path in ("whole", "tiled"):
+        use_path(monkeypatch, path)
+        assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
 
 
 def test_keep_budget_boundary_and_forward_only(monkeypatch):
-    """B·N·M·4 bytes of float32 scores (8 for float64) fit the budget or not; a call that will
-    not be differentiated never keeps them."""
+    """B·N·M·4 bytes of float32 scores (8 for float64) fit the budget or not, for calls that
+    will be differentiated and for those that will not."""
     theta, phi, g = (t.requires_grad_() for t in make_inputs(2, 45, 37, 3, 2))
     nbytes = 2 * 45 * 37 * 4
     for mb, path in ((nbytes / 2**20, "scores kept"), ((nbytes - 4) / 2**20, "recomputes S"),
@@ -299,17 +330,21 @@ def test_keep_budget_boundary_and_forward_only(monkeypatch):
         monkeypatch.setenv(cpu_backend.KEEP_ENV, repr(mb))
         with registry.record_paths() as taken:
             nonlocal_attention(theta, phi, g, backend="cpu")
+        with registry.record_paths() as taken_fwd, torch.no_grad():
+            nonlocal_attention(theta, phi, g, backend="cpu")
         assert taken == [("softmax", path)], (mb, taken)
+        assert taken_fwd == [("softmax", "forward, whole batch" if path == "scores kept"
+                              else "forward, tiled")], (mb, taken_fwd)
     monkeypatch.setenv(cpu_backend.KEEP_ENV, repr(nbytes / 2**20))  # float64: twice the bytes
     with registry.record_paths() as taken:
         nonlocal_attention(*(t.detach().double().requires_grad_() for t in (theta, phi, g)),
                            backend="cpu")
     assert taken == [("softmax", "recomputes S")]
     monkeypatch.delenv(cpu_backend.KEEP_ENV)
-    with registry.record_paths() as taken, torch.no_grad():
-        nonlocal_attention(theta, phi, g, backend="cpu")
-    nonlocal_attention(theta.detach(), phi.detach(), g.detach(), backend="cpu")
-    assert taken == [("softmax", "forward only")] and registry.last_path() == "forward only"
+    with registry.record_paths() as taken:
+        nonlocal_attention(theta.detach(), phi.detach(), g.detach(), backend="cpu")
+    assert taken == [("softmax", "forward, whole batch")]
+    assert registry.last_path() == "forward, whole batch"
 
 
 @pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
@@ -325,7 +360,8 @@ def test_keep_ops_direct_calls():
     op = torch.ops.nonlocal_kernels
     y, lse, scores = op.softmax_keep_fwd(theta, phi, g, 0.5, True)
     assert scores.shape == (2, 5, 4) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, 0.5 * theta @ phi.transpose(1, 2))
+    torch.testing.assert_close(scores, torch.softmax(0.5 * theta @ phi.transpose(1, 2), -1))
+    torch.testing.assert_close(lse, torch.logsumexp(0.5 * theta @ phi.transpose(1, 2), -1))
     y0, lse0, empty = op.softmax_keep_fwd(theta, phi, g, 0.5, False)
     assert empty.shape == (2, 0, 0) and torch.equal(y, y0) and torch.equal(lse, lse0)
     dy = torch.randn_like(y)
@@ -333,7 +369,7 @@ def test_keep_ops_direct_calls():
     for grads in (op.softmax_keep_bwd(dy, theta, phi, g, y, lse, empty, 0.5),
                   op.softmax_bwd(dy, theta, phi, g, y, lse, 0.5)):
         for a, b in zip(kept, grads):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match="scores: expected softmax_keep_fwd's third output"):
         op.softmax_keep_bwd(dy, theta, phi, g, y, lse, scores[:, :4], 0.5)
     with pytest.raises(RuntimeError, match="scores: expected dtype"):
@@ -341,6 +377,8 @@ def test_keep_ops_direct_calls():
     with pytest.raises(RuntimeError, match="scores: expected a contiguous"):
         op.softmax_keep_bwd(dy, theta, phi, g, y, lse,
                             scores.transpose(1, 2).contiguous().transpose(1, 2), 0.5)
+    with pytest.raises(RuntimeError, match="dy: expected"):
+        op.softmax_keep_bwd(dy[:, :4], theta, phi, g, y, lse, scores, 0.5)
 
 
 def test_kept_scores_are_deterministic(monkeypatch):

@@ -229,25 +229,21 @@ void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::
               phi.sizes());
 }
 
-// The forward; with `keep`, it also returns the scores S = scale * theta phi^T (B, N, M) in the
-// compute type (lse's dtype), else an empty (B, 0, 0) tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta,
-                                                       const at::Tensor& phi, const at::Tensor& g,
-                                                       double scale, bool keep) {
+// The tiled forward (softmax_fwd): nothing N x M is allocated.
+std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
+                                                   const at::Tensor& g, double scale) {
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dv = g.size(2);
   const auto opts_a = theta.options().dtype(lse_dtype(theta.scalar_type()));
   at::Tensor y = new_output({B, N, dv}, theta.options());
   at::Tensor lse = new_output({B, N}, opts_a);
-  at::Tensor scores = keep ? new_output({B, N, M}, opts_a) : at::empty({B, 0, 0}, opts_a);
-  if (B == 0 || N == 0) return {y, lse, scores};
+  if (B == 0 || N == 0) return {y, lse};
 
   NonlocalSoftmaxParams p = softmax_params(theta, phi, g, scale);
   set_y_lse(p, y, lse);
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
-  plan.scores = keep ? scores.mutable_data_ptr() : nullptr;
   at::Tensor k_hold, v_hold;
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), p.dk, p.M, scale};
@@ -261,20 +257,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta,
   }
   run_tasks(B * plan.n_qtiles, [&](TaskQueue& q) { kt.forward(p, plan, q); });
   call_arena.trim(kCallArenaKeepBytes);
-  return {y, lse, scores};
+  return {y, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
-                                                   const at::Tensor& g, double scale) {
-  auto out = forward(theta, phi, g, scale, false);
-  return {std::get<0>(out), std::get<1>(out)};
-}
-
-// The backward; `scores`: the forward's kept scores (B, N, M), or null to recompute them.
+// The tiled backward (softmax_bwd, and softmax_keep_bwd without kept scores): recomputes S.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
-    const at::Tensor& y, const at::Tensor& lse, const at::Tensor* scores, double scale,
-    const char* op) {
+    const at::Tensor& y, const at::Tensor& lse, double scale, const char* op) {
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dk = theta.size(2),
                 dv = g.size(2);
@@ -296,7 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
   const KernelTable& kt = kernels();
   CpuPlan plan = make_plan(theta, phi, g, scale);
-  plan.scores = scores != nullptr ? const_cast<void*>(scores->const_data_ptr()) : nullptr;
   const int64_t G = std::max<int64_t>(1, std::min(plan.groups, plan.n_qtiles));
   plan.tiles_per_group = (plan.n_qtiles + G - 1) / G;
   plan.groups = (plan.n_qtiles + plan.tiles_per_group - 1) / plan.tiles_per_group;
@@ -307,14 +295,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                    ? Arena::bytes_for<double>(partial_n)
                                    : Arena::bytes_for<float>(partial_n);
   if (plan.packed) {
-    // scale * phi^T only serves to recompute S.
-    const bool need_kt = plan.scores == nullptr;
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
     const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
     const PanelSpec vt_spec{&g, g.stride(2), g.stride(1), dv, M, 1.0};
-    call_arena.reserve((need_kt ? kt_spec.bytes(kt) : 0) + k_spec.bytes(kt) + vt_spec.bytes(kt) +
-                       partial_bytes);
-    if (need_kt) plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
+    call_arena.reserve(kt_spec.bytes(kt) + k_spec.bytes(kt) + vt_spec.bytes(kt) + partial_bytes);
+    plan.kt = prepare_panels(kt_spec, kt, plan.kt_bs);
     plan.kp = prepare_panels(k_spec, kt, plan.k_bs);
     plan.vtp = prepare_panels(vt_spec, kt, plan.vt_bs);
   } else {
@@ -335,23 +320,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
     const at::Tensor& y, const at::Tensor& lse, double scale) {
-  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_bwd");
+  return backward(dy, theta, phi, g, y, lse, scale, "softmax_bwd");
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole-batch path (softmax_keep_fwd / softmax_keep_bwd): for calls whose B·N·M scores fit
+// the budget (the backend decides, docs/cpu.md), the products are batched BLAS calls over the
+// whole batch (at::bmm, i.e. MKL with its own threading) and the softmax and its gradient are
+// row kernels over one (B, N, M) buffer: the forward writes S into it and turns it into P in
+// place, the backward reads that P (kept) instead of recomputing anything. Six products, as the
+// naive path does, at full BLAS speed on large operands, without its extra N x M passes and
+// buffers (scaling S, a separate softmax output, softmax_backward's output). float16/bfloat16
+// inputs are converted to float32 first (O((N + M) d) copies); results are cast back.
+
+at::Tensor in_compute_type(const at::Tensor& t) {
+  const at::ScalarType ct = compute_type(t.scalar_type());
+  return t.scalar_type() == ct ? t : t.to(ct);
+}
+
+// out = a @ b (batched), written into `out` (any dtype and strides) directly when the dtypes
+// agree; a channels-first `out` (its transpose contiguous) as out^T = b^T a^T, which BLAS writes
+// in place.
+void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() != a.scalar_type()) {
+    out.copy_(at::bmm(a, b));
+  } else if (!out.is_contiguous() && out.transpose(1, 2).is_contiguous()) {
+    at::Tensor out_t = out.transpose(1, 2);
+    at::bmm_out(out_t, b.transpose(1, 2), a.transpose(1, 2));
+  } else {
+    at::bmm_out(out, a, b);
+  }
+}
+
+// Per (batch, column) of g (B, M, dv; the compute type), whether the column is all zero. A column
+// scan stops at its first nonzero entry: one read per column on real data.
+template <typename T>
+at::Tensor zero_columns_of(const at::Tensor& g) {
+  const int64_t B = g.size(0), M = g.size(1), dv = g.size(2);
+  at::Tensor zero = at::zeros({B, dv}, g.options().dtype(at::kBool));
+  const T* p = g.const_data_ptr<T>();
+  bool* z = zero.mutable_data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < dv; ++c) {
+      const T* col = p + b * g.stride(0) + c * g.stride(2);
+      int64_t j = 0;
+      while (j < M && col[j * g.stride(1)] == T(0)) ++j;
+      z[b * dv + c] = j == M;
+    }
+  return zero;
+}
+
+// Rows of a (B, N, M) buffer per task of the row kernels: at least 16 K elements each.
+int64_t row_grain(int64_t M) { return std::max<int64_t>(1, (int64_t(1) << 14) / M); }
+
+// y, lse and P = softmax(scale * theta phi^T) (B, N, M, the compute type); P is returned as the
+// kept scores when `keep`, else dropped (an empty (B, 0, 0) tensor is returned).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Tensor& theta,
                                                                     const at::Tensor& phi,
                                                                     const at::Tensor& g,
                                                                     double scale, bool keep) {
-  return forward(theta, phi, g, scale, keep);
+  check_cpu_inputs(theta, phi, g);
+  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dv = g.size(2);
+  const auto opts_a = theta.options().dtype(lse_dtype(theta.scalar_type()));
+  at::Tensor y = new_output({B, N, dv}, theta.options());
+  at::Tensor lse = new_output({B, N}, opts_a);
+  if (B == 0 || N == 0) return {y, lse, at::empty({B, keep ? N : 0, keep ? M : 0}, opts_a)};
+  const KernelTable& kt = kernels();
+  use_packed_path(kt);  // a bad NONLOCAL_KERNELS_CPU_GEMM is reported on this path too
+  const at::Tensor gc = in_compute_type(g);
+  at::Tensor P = at::bmm(in_compute_type(theta), in_compute_type(phi).transpose(1, 2));
+  TORCH_INTERNAL_ASSERT(P.is_contiguous() && lse.is_contiguous());
+  const DType dtype = to_dtype(theta, "theta");
+  at::parallel_for(0, B * N, row_grain(M), [&](int64_t r0, int64_t r1) {
+    kt.softmax_rows(dtype, P.mutable_data_ptr(), M, scale, lse.mutable_data_ptr(), r0, r1);
+  });
+  bmm_into(y, P, gc);
+  return {y, lse, keep ? P : at::empty({B, 0, 0}, opts_a)};
 }
 
-// scores: softmax_keep_fwd's third output, (B, N, M) when it kept them, else (B, 0, 0).
+// scores: softmax_keep_fwd's third output: its P (B, N, M) when it kept them, else (B, 0, 0)
+// (then the tiled backward recomputes S).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
     const at::Tensor& y, const at::Tensor& lse, const at::Tensor& scores, double scale) {
   check_cpu_inputs(theta, phi, g);
   const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1);
-  const bool kept = scores.dim() == 3 && scores.numel() > 0;
   TORCH_CHECK(scores.dim() == 3 && scores.size(0) == B &&
                   ((scores.size(1) == 0 && scores.size(2) == 0) ||
                    (scores.size(1) == N && scores.size(2) == M)),
@@ -361,13 +414,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
                   scores.device() == theta.device(),
               "softmax_keep_bwd: scores: expected dtype ", lse_dtype(theta.scalar_type()),
               " on ", theta.device(), ", got ", scores.scalar_type(), " on ", scores.device());
-  if (kept) {
-    TORCH_CHECK(scores.is_contiguous(),
-                "softmax_keep_bwd: scores: expected a contiguous tensor (softmax_keep_fwd's "
-                "output as it is), got strides ", scores.strides());
-    return backward(dy, theta, phi, g, y, lse, &scores, scale, "softmax_keep_bwd");
-  }
-  return backward(dy, theta, phi, g, y, lse, nullptr, scale, "softmax_keep_bwd");
+  if (scores.numel() == 0) return backward(dy, theta, phi, g, y, lse, scale, "softmax_keep_bwd");
+  TORCH_CHECK(scores.is_contiguous(),
+              "softmax_keep_bwd: scores: expected a contiguous tensor (softmax_keep_fwd's "
+              "output as it is), got strides ", scores.strides());
+  check_softmax_bwd_inputs(dy, theta, g, y, lse, "softmax_keep_bwd");
+  at::Tensor dtheta = new_output_like(theta);
+  at::Tensor dphi = new_output_like(phi);
+  at::Tensor dg = new_output_like(g);
+  const at::Tensor thc = in_compute_type(theta), phc = in_compute_type(phi);
+  const at::Tensor gc = in_compute_type(g), dyc = in_compute_type(dy);
+  // D's share of the columns where g is all zero, dy . y over them (see backward_impl in
+  // softmax_kernel_impl.h: ops.softmax_grads passes lse's gradient as such a column).
+  const at::Tensor zero_cols = gc.scalar_type() == at::kDouble ? zero_columns_of<double>(gc)
+                                                               : zero_columns_of<float>(gc);
+  at::Tensor extra;
+  if (zero_cols.any().item<bool>())
+    extra = (dy.to(at::kDouble) * y.to(at::kDouble) * zero_cols.unsqueeze(1)).sum(-1).contiguous();
+  at::Tensor dS = at::bmm(dyc, gc.transpose(1, 2));  // dP, then scale * dS in place
+  TORCH_INTERNAL_ASSERT(dS.is_contiguous());
+  const KernelTable& kt = kernels();
+  const DType dtype = to_dtype(theta, "theta");
+  const double* extra_p = extra.defined() ? extra.const_data_ptr<double>() : nullptr;
+  at::parallel_for(0, B * N, row_grain(M), [&](int64_t r0, int64_t r1) {
+    kt.softmax_grad_rows(dtype, scores.const_data_ptr(), dS.mutable_data_ptr(), M, scale,
+                         extra_p, r0, r1);
+  });
+  bmm_into(dtheta, dS, phc);
+  bmm_into(dphi, dS.transpose(1, 2), thc);
+  bmm_into(dg, scores.transpose(1, 2), dyc);
+  return {dtheta, dphi, dg};
 }
 
 }  // namespace

@@ -10,6 +10,9 @@
 //   P = exp(S - lse) per (query tile, key tile) and accumulates dtheta for its own rows, and
 //   dphi/dg into its group's private fp32 partial sums (B, G, M, dk + dv); a second parallel
 //   pass adds the G partials in group order. G >= 2 only when B alone cannot feed every thread.
+// - whole-batch path (softmax_keep_fwd / softmax_keep_bwd, calls whose B·N·M scores fit the
+//   budget of docs/cpu.md): batched BLAS products over the whole (B, N, M) score buffer, with the
+//   row kernels softmax_rows / softmax_grad_rows parallel over the B·N rows.
 #pragma once
 
 #include <stdint.h>
@@ -59,9 +62,6 @@ struct CpuPlan {
   int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
-  // The scores S = scale * theta phi^T, (B, N, M) contiguous, compute type: written by a forward
-  // that keeps them, read by the backward instead of recomputing S. Null: not kept.
-  void* scores;
 };
 
 // Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):
@@ -144,6 +144,14 @@ struct KernelTable {
   // dphi/dg rows [row_begin, row_end) of the flattened (B * M) rows from the partial sums.
   void (*reduce)(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t row_begin,
                  int64_t row_end);
+  // Whole-batch path (softmax_cpu.cpp), rows [r0, r1) of (rows, n) buffers of the compute type
+  // of `dtype`: x = softmax(scale * x) in place with lse per row (lse: the compute type); and
+  // dp = scale * dS in place from the softmax p (extra: D's share of g's all-zero columns per
+  // row, double, or null).
+  void (*softmax_rows)(DType dtype, void* x, int64_t n, double scale, void* lse, int64_t r0,
+                       int64_t r1);
+  void (*softmax_grad_rows)(DType dtype, const void* p, void* dp, int64_t n, double scale,
+                            const double* extra, int64_t r0, int64_t r1);
 };
 
 // Defined by softmax_kernel_default.cpp (always), softmax_kernel_avx2.cpp and

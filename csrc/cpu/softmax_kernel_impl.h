@@ -401,21 +401,22 @@ T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// x = exp(src - sub) (src may be x itself); returns the sum of the new x.
+// x = exp(mul * src - sub) (src may be x itself; mul * src - sub one fused multiply-subtract,
+// exact for mul = 1); returns the sum of the new x.
 template <typename T>
-T exp_sub_sum(const T* src, T* x, int64_t n, T sub) {
+T exp_sub_sum(const T* src, T* x, int64_t n, T sub, T mul = T(1)) {
   constexpr int64_t V = Vec<T>::size();
-  const Vec<T> s(sub);
+  const Vec<T> s(sub), a(mul);
   Vec<T> acc(T(0));
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    Vec<T> e = vexp(Vec<T>::loadu(src + j) - s);
+    Vec<T> e = vexp(at::vec::fmsub(Vec<T>::loadu(src + j), a, s));
     e.store(x + j);
     acc = acc + e;
   }
   if (j < n) {
     const int64_t rest = n - j;
-    Vec<T> e = vexp(Vec<T>::loadu(src + j, rest) - s);
+    Vec<T> e = vexp(at::vec::fmsub(Vec<T>::loadu(src + j, rest), a, s));
     e.store(x + j, rest);
     T tmp[V] = {};
     e.store(tmp, rest);
@@ -719,7 +720,6 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   const S* theta = static_cast<const S*>(p.theta);
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
-  A* kept = static_cast<A*>(plan.scores);  // (B, N, M) or null
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
 
   for (int64_t task; tasks.next(task);) {
@@ -737,11 +737,8 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
     std::fill(lrow, lrow + bm, 0.0);
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
-      // S = scale theta phi_j^T, kept for the backward when the call asks for it
+      // S = scale theta phi_j^T
       times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
-      if (kept != nullptr)
-        for (int64_t r = 0; r < bm; ++r)
-          std::memcpy(kept + (b * N + i0 + r) * M + j0, s + r * LS, size_t(bn) * sizeof(A));
       for (int64_t r = 0; r < bm; ++r)
         online_softmax_row(s + r * LS, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
@@ -761,8 +758,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
 }
 
 // Backward of one (batch, query-tile group) task. Per query tile, two passes over the key tiles:
-//  1. P = exp(S - lse) (S read from the forward's kept scores when the call has them, else
-//     recomputed bit for bit as in the forward), dg_j += P^T dy,
+//  1. P = exp(S - lse) (S recomputed bit for bit as in the forward), dg_j += P^T dy,
 //     dP = dy g_j^T; both tiles are kept (a BM x M row panel each, per thread), and
 //     D_i = sum_j P_ij dP_ij is summed in double;
 //  2. dS = P * (dP - D), dphi_j += dS^T (scale theta), dtheta += dS phi_j.
@@ -828,7 +824,6 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const S* y = static_cast<const S*>(p.y);
   const S* gin = static_cast<const S*>(p.g);
   const A* lse = static_cast<const A*>(p.lse);
-  const A* kept = static_cast<const A*>(plan.scores);  // (B, N, M) or null: recompute S
   S* dtheta = static_cast<S*>(p.dtheta);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
   const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
@@ -865,7 +860,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       View<A> qv{q, dk, 1}, dyv{dyt, dv, 1};
       if constexpr (kPacked) {
         // unscaled: scale is in phi^T panels; only S needs it
-        if (kept == nullptr) qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);
+        qv = a_operand<S, A>(tsrc, ts1, ts2, bm, dk, q);
         dyv = a_operand<S, A>(dysrc, ds1, ds2, bm, dv, dyt);
         pack_b<A, S>(tsrc, ts1, ts2, bm, dk, scale, qbp, 0, panels<A>(dk, NR));
         pack_b<A, S>(dysrc, ds1, ds2, bm, dv, A(1), dybp, 0, panels<A>(dv, NR));
@@ -884,15 +879,9 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         A* s = s_all + (j0 / BN) * BM * LS;
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> pt{s, 1, LS};  // P^T
-        // P = exp(S - lse), S = scale theta phi_j^T: the forward's S, kept or recomputed bit
-        // for bit
-        if (kept != nullptr) {
-          for (int64_t r = 0; r < bm; ++r)
-            exp_sub_sum(kept + (b * N + i0 + r) * M + j0, s + r * LS, bn, L[r]);
-        } else {
-          times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
-          for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, s + r * LS, bn, L[r]);
-        }
+        // P = exp(S - lse), S = scale theta phi_j^T recomputed bit for bit as in the forward
+        times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+        for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, s + r * LS, bn, L[r]);
         // dg_j += P^T dy
         times_query_tile<A, kPacked>(gemm, pt, dybp, dyv, bn, bm, dv, acc_kv, dvp + j0 * dv, dv,
                                      edge);
@@ -936,6 +925,42 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
     }
   }
   arena.trim(kArenaKeepBytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels of the whole-batch path (softmax_cpu.cpp): the call's scores are one contiguous
+// (rows, n) buffer of the compute type A, made and consumed by BLAS batched products.
+
+// Rows [r0, r1): x = softmax(scale * x) in place, lse[r] = log sum_j exp(scale * x_rj).
+// Three passes over a row that stays in L1/L2: max, exp(scale x - m) with its sum, 1 / sum.
+template <typename A>
+void softmax_rows_impl(A* x, int64_t n, A scale, A* lse, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    A* row = x + r * n;
+    if (!(scale > A(0))) scale_row(row, n, scale);  // then max(row) is max(scale x) itself
+    const A a = scale > A(0) ? scale : A(1);
+    const A m = a * row_max(row, n);
+    const A sum = exp_sub_sum(row, row, n, m, a);
+    scale_row(row, n, static_cast<A>(1.0 / static_cast<double>(sum)));
+    lse[r] = static_cast<A>(static_cast<double>(m) + std::log(static_cast<double>(sum)));
+  }
+}
+
+// Rows [r0, r1) of dp, given the forward's softmax p: dS = scale c p (dp - D) in place, with
+// c = 1 / sum_j p_j and D = c sum_j p_j dp_j + extra[r], both sums in double. p is normalised
+// already, so c differs from 1 by p's rounding only; dividing by it anyway keeps D the weighted
+// mean of dp under the very weights dS uses, as the tiled backward does. extra (null: none)
+// carries D's share of the columns of g that are all zero (see backward_impl).
+template <typename A>
+void softmax_grad_rows_impl(const A* p, A* dp, int64_t n, double scale, const double* extra,
+                            int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    double dot, sum;
+    dot_sum_double(p + r * n, dp + r * n, n, dot, sum);
+    const double c = 1.0 / sum;
+    const double d = dot * c + (extra != nullptr ? extra[r] : 0.0);
+    softmax_grad_row(p + r * n, dp + r * n, n, static_cast<A>(d), static_cast<A>(scale * c));
+  }
 }
 
 template <typename S>
@@ -1013,6 +1038,26 @@ void backward_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQue
 void reduce_entry(const NonlocalSoftmaxParams& p, const CpuPlan& plan, int64_t r0, int64_t r1) {
   NLK_DISPATCH(plan.dtype, return reduce_impl<S>(p, plan, r0, r1));
 }
+void softmax_rows_entry(DType dtype, void* x, int64_t n, double scale, void* lse, int64_t r0,
+                        int64_t r1) {
+  if (dtype == DType::kFloat64) {
+    softmax_rows_impl<double>(static_cast<double*>(x), n, scale, static_cast<double*>(lse), r0,
+                              r1);
+  } else {
+    softmax_rows_impl<float>(static_cast<float*>(x), n, static_cast<float>(scale),
+                             static_cast<float*>(lse), r0, r1);
+  }
+}
+void softmax_grad_rows_entry(DType dtype, const void* p, void* dp, int64_t n, double scale,
+                             const double* extra, int64_t r0, int64_t r1) {
+  if (dtype == DType::kFloat64) {
+    softmax_grad_rows_impl<double>(static_cast<const double*>(p), static_cast<double*>(dp), n,
+                                   scale, extra, r0, r1);
+  } else {
+    softmax_grad_rows_impl<float>(static_cast<const float*>(p), static_cast<float*>(dp), n,
+                                  scale, extra, r0, r1);
+  }
+}
 #undef NLK_DISPATCH
 
 }  // namespace
@@ -1025,5 +1070,7 @@ const KernelTable NLK_TABLE = {NLK_TABLE_LABEL,
                                NLK_CAPNS::pack_panels_entry,
                                NLK_CAPNS::forward_entry,
                                NLK_CAPNS::backward_entry,
-                               NLK_CAPNS::reduce_entry};
+                               NLK_CAPNS::reduce_entry,
+                               NLK_CAPNS::softmax_rows_entry,
+                               NLK_CAPNS::softmax_grad_rows_entry};
 }  // namespace nonlocal_kernels::cpu

@@ -106,8 +106,9 @@ def softmax_backend(*, name: str, namespace: str, dispatch_key: str, description
     softmax_fwd / softmax_bwd ops (ops.SoftmaxAttention). ``not_loaded``: why the library that
     registers the ops failed to load, if it did. Availability is decided here, once:
     torch.compile traces backend selection, and the dispatcher queries are not traceable.
-    ``keep(theta, phi, g) -> bool``: the backend runs namespace's softmax_keep_fwd /
-    softmax_keep_bwd instead, and this decides per call whether the forward keeps the scores."""
+    ``keep(theta, phi, g) -> Optional[bool]``: decides per call between namespace's
+    softmax_keep_fwd / softmax_keep_bwd (True: keep the scores for the backward; False: do not)
+    and the family's pair (None); see ops.softmax_runner."""
     names = ("softmax_fwd", "softmax_bwd") + (("softmax_keep_fwd", "softmax_keep_bwd")
                                               if keep is not None else ())
     reason = not_loaded or ops.kernel_unavailable_reason(dispatch_key, namespace, names)
