@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import nonlocal_kernels as nk
-from nonlocal_kernels.testing import assert_all_ok, check_close, max_abs, max_abs_diff
+from nonlocal_kernels.testing import assert_all_ok, check_close
 
 from peers import non_local_embedded_gaussian, randomize, slowfast_nonlocal_helper
 
@@ -119,7 +119,7 @@ def test_autocast_converted_model_matches_its_reference_path(device, dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_float16_scores_past_65504_overflow_only_the_naive_path(device):
+def test_float16_scores_past_65504_overflow_only_the_naive_path(device, monkeypatch):
     # Scores theta_i . phi_j reach 1e5 and more, past float16's largest value (65504); the
     # scale 5e-6 brings the logits back to a few units. The naive path multiplies theta by
     # phi^T in float16 first (mmcv, AlexHex7 and backend='reference' alike): inf, then NaN.
@@ -132,22 +132,24 @@ def test_float16_scores_past_65504_overflow_only_the_naive_path(device):
         block64 = copy.deepcopy(fused).double()
         theta, phi = block64.theta(x).flatten(2), block64.phi(x).flatten(2)
         assert (theta.transpose(1, 2) @ phi).abs().max() > 65504 * 2  # the case is there
-        want = block64(x) - x  # the block's contribution (x itself passes unchanged)
     dy = torch.randn(x.shape, dtype=torch.float64, device=device)
     z_naive = fwd_bwd(naive, x.float(), dy, autocast=torch.float16)
     assert not torch.isfinite(z_naive[0]).all()  # the naive path overflows
     z, grads = fwd_bwd(fused, x.float(), dy, autocast=torch.float16)
     assert torch.isfinite(z).all() and all(torch.isfinite(g).all() for g in grads)
-    # The rule needs PyTorch's own float16 error, which is infinite here, so the result is
-    # bounded directly (docs/design.md section 5): float16 rounds every conv output at 2^-11
-    # relative; measured up to 0.1% of the largest value (8 seeds), bounded at 1%.
-    err = max_abs_diff(z.double() - x, want)
-    assert err <= 1e-2 * max_abs(want), f"max|err| {err:.3e} vs 1e-2 x {max_abs(want):.3e}"
-    # Gradients: dx, and the parameters' as one vector (phi's bias has none in exact
-    # arithmetic: a shift of every logit of a row leaves its softmax as it is).
-    _, grads64 = fwd_bwd(copy.deepcopy(fused).double(), x, dy)
-    for name, g, g64 in (("dx", grads[0], grads64[0]),
-                         ("parameters", torch.cat([g.flatten() for g in grads[1:]]),
-                          torch.cat([g.flatten() for g in grads64[1:]]))):
-        err = max_abs_diff(g, g64)
-        assert err <= 1e-2 * max_abs(g64), f"{name}: max|err| {err:.3e} vs {max_abs(g64):.3e}"
+    ref64 = fwd_bwd(copy.deepcopy(fused).double(), x, dy)
+    # The rule needs PyTorch's own float16 result, which is infinite here. Its stand-in: the
+    # same float16 pipeline (convolutions, norm) with the attention alone computed in float64
+    # (autocast off) and cast back. The convolutions' float16 rounding then costs both the
+    # same, and what is left to compare is the attention (seed 18 of the conftest: dx off by
+    # 8% of its largest value in both, from the convolutions alone).
+    attention = nk.modules.block_attention
+
+    def exact(theta, phi, g, **kw):
+        with torch.autocast(device, enabled=False):
+            return attention(theta.double(), phi.double(), g.double(),
+                             **dict(kw, backend="reference")).to(theta.dtype)
+
+    monkeypatch.setattr(nk.modules, "block_attention", exact)
+    lp = fwd_bwd(fused, x.float(), dy, autocast=torch.float16)
+    assert_all_ok(checks((z, grads), lp, ref64))
