@@ -1,0 +1,338 @@
+// The hot loops of the concatenation kernels (concat_kernel.h has the table and the work split).
+// Included by one .cpp per instruction set, which first defines NLK_CONCAT_NS (the namespace of
+// this copy) and NLK_CONCAT_TABLE / NLK_CONCAT_LABEL (the table it defines). The loops are plain
+// C++ written for the compiler's vectoriser (fixed-width inner loops over a tile of columns, unit
+// strides in their own branch); that is where the AVX2 / AVX-512 builds gain. Sums run in double
+// and in a fixed order, so a result does not depend on the thread that computed it; the builds
+// differ only in rounding (FMA contraction), within the tolerance rule.
+//
+// Nothing here may instantiate a template shared with the baseline code (std::vector,
+// std::lower_bound, ATen's tensors): the linker could keep this file's copy, compiled with wider
+// instructions, for every caller. Helpers live in an anonymous namespace.
+#pragma once
+
+#if !defined(NLK_CONCAT_NS) || !defined(NLK_CONCAT_TABLE) || !defined(NLK_CONCAT_LABEL)
+#error "define NLK_CONCAT_NS, NLK_CONCAT_TABLE and NLK_CONCAT_LABEL before including concat_kernel_impl.h"
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include "fast/concat_kernel.h"
+
+namespace nonlocal_kernels::fast::NLK_CONCAT_NS {
+namespace {
+
+constexpr int kLanes = 8;           // independent partial sums of a dot product
+constexpr int64_t kRowBlock = 256;  // rows per block of a channels-first projection
+
+inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+
+// sum_d x[d * xs] * y[d] in double, kLanes interleaved partial sums added in lane order.
+template <typename T>
+inline double dot_d(const T* x, int64_t xs, const T* y, int64_t n) {
+  double lane[kLanes] = {};
+  int64_t d = 0;
+  if (xs == 1) {
+    for (; d + kLanes <= n; d += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] += double(x[d + l]) * double(y[d + l]);
+  } else {
+    for (; d + kLanes <= n; d += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane[l] += double(x[(d + l) * xs]) * double(y[d + l]);
+  }
+  double s = 0.0;
+  for (; d < n; ++d) s += double(x[d * xs]) * double(y[d]);
+  for (int l = 0; l < kLanes; ++l) s += lane[l];
+  return s;
+}
+
+// sum_d x[d] * y[d] with kLanes interleaved partial sums in T.
+template <typename T>
+inline T dot_t(const T* x, const T* y, int64_t n) {
+  T lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += x[d + l] * y[d + l];
+  T s = 0;
+  for (; d < n; ++d) s += x[d] * y[d];
+  for (int l = 0; l < kLanes; ++l) s += lane[l];
+  return s;
+}
+
+// #{r < M : nb[r] < v} for nb ascending (std::lower_bound's answer).
+template <typename T>
+inline int64_t count_below(const T* nb, int64_t M, T v) {
+  int64_t lo = 0, n = M;
+  while (n > 0) {
+    const int64_t half = n >> 1;
+    if (nb[lo + half] < v) {
+      lo += half + 1;
+      n -= half + 1;
+    } else {
+      n = half;
+    }
+  }
+  return lo;
+}
+
+template <typename T>
+void project_impl(const ProjectArgs& p, int64_t r0, int64_t r1) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  T* out = static_cast<T*>(p.out);
+  const int64_t L = p.L, dk = p.dk, xs1 = p.xs1, xs2 = p.xs2;
+  while (r0 < r1) {
+    const int64_t b = r0 / L, l0 = r0 % L, l1 = imin(L, l0 + (r1 - r0));
+    const T* xb = x + b * p.xs0;
+    T* ob = out + b * L;
+    if (xs1 < xs2) {  // channels-first: column c is a run over l; a block of rows at a time
+      double acc[kRowBlock];
+      for (int64_t lb = l0; lb < l1; lb += kRowBlock) {
+        const int64_t n = imin(kRowBlock, l1 - lb);
+        for (int64_t i = 0; i < n; ++i) acc[i] = 0.0;
+        for (int64_t c = 0; c < dk; ++c) {
+          const T* xc = xb + c * xs2 + lb * xs1;
+          const double wc = double(w[c]);
+          if (xs1 == 1) {
+            for (int64_t i = 0; i < n; ++i) acc[i] += double(xc[i]) * wc;
+          } else {
+            for (int64_t i = 0; i < n; ++i) acc[i] += double(xc[i * xs1]) * wc;
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) ob[lb + i] = T(acc[i]);
+      }
+    } else {  // rows: each (b, l) is a run over c
+      for (int64_t l = l0; l < l1; ++l) ob[l] = T(dot_d<T>(xb + l * xs1, xs2, w, dk));
+    }
+    r0 += l1 - l0;
+  }
+}
+
+template <typename T>
+void project_grads_impl(const ProjectArgs& p, int64_t c0, int64_t c1) {
+  const int64_t B = p.B, L = p.L, dk = p.dk;
+  const int64_t xs0 = p.xs0, xs1 = p.xs1, xs2 = p.xs2, os0 = p.os0, os1 = p.os1, os2 = p.os2;
+  const T* xp = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  const T* d = static_cast<const T*>(p.d);
+  T* op = static_cast<T*>(p.dx);
+  T* wgrad = static_cast<T*>(p.wgrad);
+  if (xs1 < xs2) {  // channels-first: each feature column c is a run over l
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0.0;
+      const T wc = w[c];
+      for (int64_t b = 0; b < B; ++b) {
+        const T* xc = xp + b * xs0 + c * xs2;
+        T* oc = op + b * os0 + c * os2;
+        const T* db = d + b * L;
+        if (os1 == 1) {
+          for (int64_t l = 0; l < L; ++l) oc[l] = db[l] * wc;
+        } else {
+          for (int64_t l = 0; l < L; ++l) oc[l * os1] = db[l] * wc;
+        }
+        acc += dot_d<T>(xc, xs1, db, L);
+      }
+      wgrad[c] = T(acc);
+    }
+    return;
+  }
+  // rows: each (b, l) is a run over c; the sums over rows need one thread (c0 = 0, c1 = dk).
+  double acc[kRowBlock];
+  for (int64_t cb = 0; cb < dk; cb += kRowBlock) {  // blocks of columns: acc stays in L1
+    const int64_t n = imin(kRowBlock, dk - cb);
+    for (int64_t c = 0; c < n; ++c) acc[c] = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t l = 0; l < L; ++l) {
+        const T* xr = xp + b * xs0 + l * xs1 + cb * xs2;
+        T* orow = op + b * os0 + l * os1 + cb * os2;
+        const T dl = d[b * L + l];
+        const double dd = double(dl);
+        if (xs2 == 1 && os2 == 1) {
+          for (int64_t c = 0; c < n; ++c) {
+            orow[c] = dl * w[cb + c];
+            acc[c] += dd * double(xr[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < n; ++c) {
+            orow[c * os2] = dl * w[cb + c];
+            acc[c] += dd * double(xr[c * xs2]);
+          }
+        }
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) wgrad[cb + c] = T(acc[c]);
+  }
+  (void)c0;
+  (void)c1;
+}
+
+// One tile of w <= kTile columns of the prefix sums over the keys by decreasing b.
+template <typename T, bool kFull, bool kUnit>
+inline void prefix_tile(const ConcatArgs& p, int64_t bi, int64_t d0, int64_t w) {
+  const int64_t M = p.M, dv = p.dv, gs2 = kUnit ? 1 : p.gs2;
+  const int64_t width = kFull ? kTile : w;
+  const T* g = static_cast<const T*>(p.g) + bi * p.gs0 + d0 * gs2;
+  const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
+  const int64_t* pr = p.perm + bi * M;
+  T* Pb = static_cast<T*>(p.P) + bi * (M + 1) * 2 * dv + d0;
+  double sg[kTile], sbg[kTile];
+  for (int64_t d = 0; d < width; ++d) {
+    sg[d] = sbg[d] = 0.0;
+    Pb[d] = Pb[dv + d] = T(0);
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    const T* gj = g + pr[r] * p.gs1;
+    const double bj = -double(nb[r]);
+    T* row = Pb + (r + 1) * 2 * dv;
+    for (int64_t d = 0; d < width; ++d) {
+      const double v = double(gj[d * gs2]);
+      sg[d] += v;
+      sbg[d] += bj * v;
+      row[d] = T(sg[d]);
+      row[dv + d] = T(sbg[d]);
+    }
+  }
+}
+
+template <typename T>
+void prefix_sums_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  for (int64_t d0 = c0; d0 < c1; d0 += kTile) {  // tiles of columns: the strided reads of a
+    const int64_t w = imin(kTile, c1 - d0);       // channels-first g stay in cache
+    if (w == kTile && p.gs2 == 1)
+      prefix_tile<T, true, true>(p, bi, d0, w);
+    else if (w == kTile)
+      prefix_tile<T, true, false>(p, bi, d0, w);
+    else
+      prefix_tile<T, false, false>(p, bi, d0, w);
+  }
+}
+
+template <typename T>
+void query_rows_impl(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
+  const int64_t N = p.N, M = p.M, dv = p.dv;
+  const T inv_m = T(p.inv_m);
+  const T* ab = static_cast<const T*>(p.a) + bi * N;
+  const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
+  const T* Pb = static_cast<const T*>(p.P) + bi * (M + 1) * 2 * dv;
+  T* yb = static_cast<T*>(p.y) + bi * N * dv;
+  int64_t* kb = p.k + bi * N;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T ai = ab[i];
+    const int64_t ki = count_below<T>(nb, M, ai);
+    kb[i] = ki;
+    const T* Pg = Pb + ki * 2 * dv;
+    const T* Pbg = Pg + dv;
+    T* yi = yb + i * dv;
+    const T wa = ai * inv_m;
+    for (int64_t d = 0; d < dv; ++d) yi[d] = Pbg[d] * inv_m + wa * Pg[d];
+  }
+}
+
+template <typename T>
+void query_grads_impl(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
+  const int64_t N = p.N, M = p.M, dv = p.dv;
+  const T inv_m = T(p.inv_m);
+  const T* Pb = static_cast<const T*>(p.P) + bi * (M + 1) * 2 * dv;
+  const int64_t* kb = p.k + bi * N;
+  const T* dyb = static_cast<const T*>(p.dy) + bi * N * dv;
+  T* dab = static_cast<T*>(p.da) + bi * N;
+  for (int64_t i = i0; i < i1; ++i)
+    dab[i] = dot_t<T>(dyb + i * dv, Pb + kb[i] * 2 * dv, dv) * inv_m;
+}
+
+// One tile of w <= kTile columns: bins by k (sums of dy and a dy), then suffix sums over
+// descending key ranks, dg and the tile's partial dot products g_j . S_dy.
+template <typename T, bool kFull, bool kUnit>
+inline void key_tile(const ConcatArgs& p, int64_t bi, int64_t t, double* H) {
+  const int64_t N = p.N, M = p.M, dv = p.dv;
+  const int64_t d0 = t * kTile, width = kFull ? kTile : imin(kTile, dv - d0);
+  const int64_t gs2 = kUnit ? 1 : p.gs2, ds2 = kUnit ? 1 : p.ds2;
+  const T* ab = static_cast<const T*>(p.a) + bi * N;
+  const int64_t* kb = p.k + bi * N;
+  const T* dyb = static_cast<const T*>(p.dy) + bi * N * dv + d0;
+  const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
+  const int64_t* pr = p.perm + bi * M;
+  const T* g = static_cast<const T*>(p.g) + bi * p.gs0 + d0 * gs2;
+  T* dg = static_cast<T*>(p.dg) + bi * p.ds0 + d0 * ds2;
+  const double inv_m = p.inv_m;
+  // Bin 0 (queries that reach no key) is never read: only bins 1..M are.
+  std::memset(H + 2 * kTile, 0, sizeof(double) * M * 2 * kTile);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t ki = kb[i];
+    if (ki == 0) continue;
+    double* h = H + ki * 2 * kTile;
+    const T* dyi = dyb + i * dv;
+    const double ai = double(ab[i]);
+    for (int64_t d = 0; d < width; ++d) {
+      const double v = double(dyi[d]);
+      h[d] += v;
+      h[kTile + d] += ai * v;
+    }
+  }
+  double sdy[kTile] = {}, sady[kTile] = {};
+  double* part = p.dbpart + t * M;
+  for (int64_t r = M - 1; r >= 0; --r) {  // key of descending rank r: bins k > r
+    const double* h = H + (r + 1) * 2 * kTile;
+    const int64_t j = pr[r];
+    const double bj = -double(nb[r]);
+    const T* gj = g + j * p.gs1;
+    T* dgj = dg + j * p.ds1;
+    double prod[kTile];
+    for (int64_t d = 0; d < width; ++d) {
+      sdy[d] += h[d];
+      sady[d] += h[kTile + d];
+      dgj[d * ds2] = T((bj * sdy[d] + sady[d]) * inv_m);
+      prod[d] = double(gj[d * gs2]) * sdy[d];
+    }
+    double dotl[4] = {};
+    for (int64_t d = 0; d < width; ++d) dotl[d & 3] += prod[d];
+    part[j] = (dotl[0] + dotl[1]) + (dotl[2] + dotl[3]);
+  }
+}
+
+template <typename T>
+void key_grads_impl(const ConcatArgs& p, int64_t bi, int64_t t0, int64_t t1, double* H) {
+  const bool unit = p.gs2 == 1 && p.ds2 == 1;
+  for (int64_t t = t0; t < t1; ++t) {
+    const bool full = (t + 1) * kTile <= p.dv;
+    if (full && unit)
+      key_tile<T, true, true>(p, bi, t, H);
+    else if (full)
+      key_tile<T, true, false>(p, bi, t, H);
+    else
+      key_tile<T, false, false>(p, bi, t, H);
+  }
+}
+
+void project_entry(const ProjectArgs& p, int64_t r0, int64_t r1) {
+  p.is_double ? project_impl<double>(p, r0, r1) : project_impl<float>(p, r0, r1);
+}
+void project_grads_entry(const ProjectArgs& p, int64_t c0, int64_t c1) {
+  p.is_double ? project_grads_impl<double>(p, c0, c1) : project_grads_impl<float>(p, c0, c1);
+}
+void prefix_sums_entry(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  p.is_double ? prefix_sums_impl<double>(p, bi, c0, c1) : prefix_sums_impl<float>(p, bi, c0, c1);
+}
+void query_rows_entry(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
+  p.is_double ? query_rows_impl<double>(p, bi, i0, i1) : query_rows_impl<float>(p, bi, i0, i1);
+}
+void query_grads_entry(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
+  p.is_double ? query_grads_impl<double>(p, bi, i0, i1) : query_grads_impl<float>(p, bi, i0, i1);
+}
+void key_grads_entry(const ConcatArgs& p, int64_t bi, int64_t t0, int64_t t1, double* H) {
+  p.is_double ? key_grads_impl<double>(p, bi, t0, t1, H) : key_grads_impl<float>(p, bi, t0, t1, H);
+}
+
+}  // namespace
+}  // namespace nonlocal_kernels::fast::NLK_CONCAT_NS
+
+namespace nonlocal_kernels::fast {
+const ConcatKernelTable NLK_CONCAT_TABLE = {
+    NLK_CONCAT_LABEL,
+    NLK_CONCAT_NS::project_entry,
+    NLK_CONCAT_NS::project_grads_entry,
+    NLK_CONCAT_NS::prefix_sums_entry,
+    NLK_CONCAT_NS::query_rows_entry,
+    NLK_CONCAT_NS::query_grads_entry,
+    NLK_CONCAT_NS::key_grads_entry};
+}  // namespace nonlocal_kernels::fast
