@@ -27,10 +27,18 @@ struct ConcatArgs {
   int64_t* k = nullptr;             // (B, N)
   void* y = nullptr;                // (B, N, dv) contiguous (forward)
   const void* dy = nullptr;         // (B, N, dv) contiguous (backward)
-  void* da = nullptr;               // (B, N)
   void* dg = nullptr;               // like g: strides ds0, ds1, ds2
   int64_t ds0 = 0, ds1 = 0, ds2 = 0;
-  double* dbpart = nullptr;         // (ceil(dv / kTile), M) per-tile partial dot products
+  // Backward: the queries sorted by k (stable), bin c = order[bin_start[c] .. bin_start[c + 1]),
+  // per batch (N and M + 2 entries); per column block, partial dot products of da and db.
+  const int64_t* order = nullptr;
+  const int64_t* bin_start = nullptr;
+  double* dapart = nullptr;         // (ceil(dv / kBlock), B, N)
+  double* dbpart = nullptr;         // (ceil(dv / kBlock), B, M), by key rank
+  // Backward: g's rows in key-rank order and dg's, (B, M, dv) contiguous (the sweep reads and
+  // writes whole rows in order; g and dg may be channels-first).
+  void* g_sorted = nullptr;
+  void* dg_sorted = nullptr;
 };
 
 // x (B, L, dk) with strides xs0, xs1, xs2; w (dk,) contiguous; out / d (B, L) contiguous;
@@ -48,7 +56,8 @@ struct ProjectArgs {
   void* wgrad = nullptr;
 };
 
-constexpr int64_t kTile = 16;  // feature columns per tile of the per-key loops
+constexpr int64_t kTile = 16;    // feature columns per tile of the forward's prefix sums
+constexpr int64_t kBlock = 128;  // feature columns per block of the backward's sweep
 
 struct ConcatKernelTable {
   const char* name;
@@ -61,10 +70,15 @@ struct ConcatKernelTable {
   // the queries [i0, i1): k, y.
   void (*prefix_sums)(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1);
   void (*query_rows)(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1);
-  // Backward, batch bi: da of queries [i0, i1); then the bins and suffix sums of the column
-  // tiles [t0, t1): dg and dbpart. H: (M + 1) * 2 * kTile doubles of scratch.
-  void (*query_grads)(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1);
-  void (*key_grads)(const ConcatArgs& p, int64_t bi, int64_t t0, int64_t t1, double* H);
+  // Backward, batch bi, column blocks [k0, k1) of kBlock columns: one sweep over the key ranks
+  // from the last, adding each bin's queries (sorted by k) into the running suffix sums of dy
+  // and a dy (double), with their da partial dot products dy_i . P[k_i, 0]; then the key's dg
+  // and its db partial dot product g_j . S_dy.
+  void (*key_sweep)(const ConcatArgs& p, int64_t bi, int64_t k0, int64_t k1);
+  // Backward, batch bi, columns [c0, c1): g_sorted[r] = g[perm[r]], dg[perm[r]] = dg_sorted[r]
+  // (tiles of kTile columns, so that the strided side of a channels-first g stays in cache).
+  void (*gather_keys)(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1);
+  void (*scatter_keys)(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1);
 };
 
 // Defined by concat_kernel_default.cpp (always), concat_kernel_avx2.cpp and

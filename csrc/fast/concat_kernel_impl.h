@@ -25,6 +25,7 @@ namespace {
 
 constexpr int kLanes = 8;           // independent partial sums of a dot product
 constexpr int64_t kRowBlock = 256;  // rows per block of a channels-first projection
+constexpr int64_t kAhead = 8;       // the backward sweep prefetches dy rows this many queries ahead
 
 inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 
@@ -42,19 +43,6 @@ inline double dot_d(const T* x, int64_t xs, const T* y, int64_t n) {
   }
   double s = 0.0;
   for (; d < n; ++d) s += double(x[d * xs]) * double(y[d]);
-  for (int l = 0; l < kLanes; ++l) s += lane[l];
-  return s;
-}
-
-// sum_d x[d] * y[d] with kLanes interleaved partial sums in T.
-template <typename T>
-inline T dot_t(const T* x, const T* y, int64_t n) {
-  T lane[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += x[d + l] * y[d + l];
-  T s = 0;
-  for (; d < n; ++d) s += x[d] * y[d];
   for (int l = 0; l < kLanes; ++l) s += lane[l];
   return s;
 }
@@ -228,80 +216,125 @@ void query_rows_impl(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
   }
 }
 
-template <typename T>
-void query_grads_impl(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
+// One block of w <= kBlock columns of the backward sweep (ConcatKernelTable::key_sweep).
+template <typename T, bool kFull>
+inline void sweep_block(const ConcatArgs& p, int64_t bi, int64_t blk) {
   const int64_t N = p.N, M = p.M, dv = p.dv;
-  const T inv_m = T(p.inv_m);
-  const T* Pb = static_cast<const T*>(p.P) + bi * (M + 1) * 2 * dv;
-  const int64_t* kb = p.k + bi * N;
-  const T* dyb = static_cast<const T*>(p.dy) + bi * N * dv;
-  T* dab = static_cast<T*>(p.da) + bi * N;
-  for (int64_t i = i0; i < i1; ++i)
-    dab[i] = dot_t<T>(dyb + i * dv, Pb + kb[i] * 2 * dv, dv) * inv_m;
-}
-
-// One tile of w <= kTile columns: bins by k (sums of dy and a dy), then suffix sums over
-// descending key ranks, dg and the tile's partial dot products g_j . S_dy.
-template <typename T, bool kFull, bool kUnit>
-inline void key_tile(const ConcatArgs& p, int64_t bi, int64_t t, double* H) {
-  const int64_t N = p.N, M = p.M, dv = p.dv;
-  const int64_t d0 = t * kTile, width = kFull ? kTile : imin(kTile, dv - d0);
-  const int64_t gs2 = kUnit ? 1 : p.gs2, ds2 = kUnit ? 1 : p.ds2;
+  const int64_t d0 = blk * kBlock, width = kFull ? kBlock : imin(kBlock, dv - d0);
   const T* ab = static_cast<const T*>(p.a) + bi * N;
-  const int64_t* kb = p.k + bi * N;
   const T* dyb = static_cast<const T*>(p.dy) + bi * N * dv + d0;
+  const T* Pb = static_cast<const T*>(p.P) + bi * (M + 1) * 2 * dv + d0;
   const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
-  const int64_t* pr = p.perm + bi * M;
-  const T* g = static_cast<const T*>(p.g) + bi * p.gs0 + d0 * gs2;
-  T* dg = static_cast<T*>(p.dg) + bi * p.ds0 + d0 * ds2;
+  const int64_t* order = p.order + bi * N;
+  const int64_t* bs = p.bin_start + bi * (M + 2);
+  const T* gs = static_cast<const T*>(p.g_sorted) + bi * M * dv + d0;
+  T* dgs = static_cast<T*>(p.dg_sorted) + bi * M * dv + d0;
+  double* dapart = p.dapart + blk * p.B * N + bi * N;
+  double* dbpart = p.dbpart + blk * p.B * M + bi * M;
   const double inv_m = p.inv_m;
-  // Bin 0 (queries that reach no key) is never read: only bins 1..M are.
-  std::memset(H + 2 * kTile, 0, sizeof(double) * M * 2 * kTile);
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t ki = kb[i];
-    if (ki == 0) continue;
-    double* h = H + ki * 2 * kTile;
-    const T* dyi = dyb + i * dv;
-    const double ai = double(ab[i]);
-    for (int64_t d = 0; d < width; ++d) {
-      const double v = double(dyi[d]);
-      h[d] += v;
-      h[kTile + d] += ai * v;
+  for (int64_t q = bs[0]; q < bs[1]; ++q) dapart[order[q]] = 0.0;  // k = 0: P[0] = 0
+  double sdy[kBlock], sady[kBlock];
+  for (int64_t d = 0; d < width; ++d) sdy[d] = sady[d] = 0.0;
+  for (int64_t r = M - 1; r >= 0; --r) {
+    // The queries with k = r + 1 reach keys of rank <= r: they join the suffix sums now.
+    // (Queries are taken from the end of `order`, so q falls steadily and the rows of
+    // upcoming queries, random in dy, can be prefetched.)
+    const T* Pg = Pb + (r + 1) * 2 * dv;
+    for (int64_t q = bs[r + 2] - 1; q >= bs[r + 1]; --q) {
+      if (q - kAhead >= bs[1]) {
+        const char* next = reinterpret_cast<const char*>(dyb + order[q - kAhead] * dv);
+        for (int64_t off = 0; off < width * int64_t(sizeof(T)); off += 64)
+          __builtin_prefetch(next + off);
+      }
+      const int64_t i = order[q];
+      const T* dyi = dyb + i * dv;
+      const double ai = double(ab[i]);
+      double lane[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= width; d += kLanes) {  // kLanes at a time: the vectoriser's shape
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = double(dyi[d + l]);
+          sdy[d + l] += v;
+          sady[d + l] += ai * v;
+          lane[l] += v * double(Pg[d + l]);
+        }
+      }
+      for (; d < width; ++d) {
+        const double v = double(dyi[d]);
+        sdy[d] += v;
+        sady[d] += ai * v;
+        lane[d % kLanes] += v * double(Pg[d]);
+      }
+      double s = 0.0;
+      for (int l = 0; l < kLanes; ++l) s += lane[l];
+      dapart[i] = s;
     }
-  }
-  double sdy[kTile] = {}, sady[kTile] = {};
-  double* part = p.dbpart + t * M;
-  for (int64_t r = M - 1; r >= 0; --r) {  // key of descending rank r: bins k > r
-    const double* h = H + (r + 1) * 2 * kTile;
-    const int64_t j = pr[r];
     const double bj = -double(nb[r]);
-    const T* gj = g + j * p.gs1;
-    T* dgj = dg + j * p.ds1;
-    double prod[kTile];
-    for (int64_t d = 0; d < width; ++d) {
-      sdy[d] += h[d];
-      sady[d] += h[kTile + d];
-      dgj[d * ds2] = T((bj * sdy[d] + sady[d]) * inv_m);
-      prod[d] = double(gj[d * gs2]) * sdy[d];
+    const T* gr = gs + r * dv;
+    T* dgr = dgs + r * dv;
+    double lane[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= width; d += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        dgr[d + l] = T((bj * sdy[d + l] + sady[d + l]) * inv_m);
+        lane[l] += double(gr[d + l]) * sdy[d + l];
+      }
     }
-    double dotl[4] = {};
-    for (int64_t d = 0; d < width; ++d) dotl[d & 3] += prod[d];
-    part[j] = (dotl[0] + dotl[1]) + (dotl[2] + dotl[3]);
+    for (; d < width; ++d) {
+      dgr[d] = T((bj * sdy[d] + sady[d]) * inv_m);
+      lane[d % kLanes] += double(gr[d]) * sdy[d];
+    }
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += lane[l];
+    dbpart[r] = s;
   }
 }
 
 template <typename T>
-void key_grads_impl(const ConcatArgs& p, int64_t bi, int64_t t0, int64_t t1, double* H) {
-  const bool unit = p.gs2 == 1 && p.ds2 == 1;
-  for (int64_t t = t0; t < t1; ++t) {
-    const bool full = (t + 1) * kTile <= p.dv;
-    if (full && unit)
-      key_tile<T, true, true>(p, bi, t, H);
-    else if (full)
-      key_tile<T, true, false>(p, bi, t, H);
+void key_sweep_impl(const ConcatArgs& p, int64_t bi, int64_t k0, int64_t k1) {
+  for (int64_t blk = k0; blk < k1; ++blk) {
+    if ((blk + 1) * kBlock <= p.dv)
+      sweep_block<T, true>(p, bi, blk);
     else
-      key_tile<T, false, false>(p, bi, t, H);
+      sweep_block<T, false>(p, bi, blk);
   }
+}
+
+// dst row r (contiguous, dv per row) <-> src row perm[r] (strides rs, cs), columns [c0, c1) in
+// tiles of kTile: kGather copies src into dst, else dst into src.
+template <typename T, bool kGather>
+void permute_rows(T* dst, T* src, int64_t rs, int64_t cs, const int64_t* pr, int64_t M,
+                  int64_t dv, int64_t c0, int64_t c1) {
+  for (int64_t d0 = c0; d0 < c1; d0 += kTile) {
+    const int64_t w = imin(kTile, c1 - d0);
+    for (int64_t r = 0; r < M; ++r) {
+      T* a = dst + r * dv + d0;
+      T* b = src + pr[r] * rs + d0 * cs;
+      if (cs == 1 && w == kTile) {
+        for (int64_t d = 0; d < kTile; ++d) {
+          if (kGather) a[d] = b[d]; else b[d] = a[d];
+        }
+      } else {
+        for (int64_t d = 0; d < w; ++d) {
+          if (kGather) a[d] = b[d * cs]; else b[d * cs] = a[d];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void gather_keys_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  permute_rows<T, true>(static_cast<T*>(p.g_sorted) + bi * p.M * p.dv,
+                        const_cast<T*>(static_cast<const T*>(p.g)) + bi * p.gs0, p.gs1, p.gs2,
+                        p.perm + bi * p.M, p.M, p.dv, c0, c1);
+}
+
+template <typename T>
+void scatter_keys_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  permute_rows<T, false>(static_cast<T*>(p.dg_sorted) + bi * p.M * p.dv,
+                         static_cast<T*>(p.dg) + bi * p.ds0, p.ds1, p.ds2, p.perm + bi * p.M,
+                         p.M, p.dv, c0, c1);
 }
 
 void project_entry(const ProjectArgs& p, int64_t r0, int64_t r1) {
@@ -316,11 +349,15 @@ void prefix_sums_entry(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) 
 void query_rows_entry(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
   p.is_double ? query_rows_impl<double>(p, bi, i0, i1) : query_rows_impl<float>(p, bi, i0, i1);
 }
-void query_grads_entry(const ConcatArgs& p, int64_t bi, int64_t i0, int64_t i1) {
-  p.is_double ? query_grads_impl<double>(p, bi, i0, i1) : query_grads_impl<float>(p, bi, i0, i1);
+void key_sweep_entry(const ConcatArgs& p, int64_t bi, int64_t k0, int64_t k1) {
+  p.is_double ? key_sweep_impl<double>(p, bi, k0, k1) : key_sweep_impl<float>(p, bi, k0, k1);
 }
-void key_grads_entry(const ConcatArgs& p, int64_t bi, int64_t t0, int64_t t1, double* H) {
-  p.is_double ? key_grads_impl<double>(p, bi, t0, t1, H) : key_grads_impl<float>(p, bi, t0, t1, H);
+void gather_keys_entry(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  p.is_double ? gather_keys_impl<double>(p, bi, c0, c1) : gather_keys_impl<float>(p, bi, c0, c1);
+}
+void scatter_keys_entry(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  p.is_double ? scatter_keys_impl<double>(p, bi, c0, c1)
+              : scatter_keys_impl<float>(p, bi, c0, c1);
 }
 
 }  // namespace
@@ -333,6 +370,7 @@ const ConcatKernelTable NLK_CONCAT_TABLE = {
     NLK_CONCAT_NS::project_grads_entry,
     NLK_CONCAT_NS::prefix_sums_entry,
     NLK_CONCAT_NS::query_rows_entry,
-    NLK_CONCAT_NS::query_grads_entry,
-    NLK_CONCAT_NS::key_grads_entry};
+    NLK_CONCAT_NS::key_sweep_entry,
+    NLK_CONCAT_NS::gather_keys_entry,
+    NLK_CONCAT_NS::scatter_keys_entry};
 }  // namespace nonlocal_kernels::fast

@@ -195,40 +195,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu
   auto dw = at::empty({2 * dk}, a.options());
   auto da = at::empty({B, N}, a.options());
   auto dg = at::empty_like(g);  // g's strides (channels-first stays channels-first)
-  auto db = at::empty({B, M}, a.options());
+  auto db = at::empty({B, M}, a.options()), db_sorted = at::empty({B, M}, a.options());
   ConcatArgs p = concat_args(a, neg_b_sorted, perm, g);
   p.P = const_cast<void*>(P.const_data_ptr());  // read only in the backward
-  p.k = const_cast<int64_t*>(k.const_data_ptr<int64_t>());
+  p.k = const_cast<int64_t*>(k.const_data_ptr<int64_t>());  // read only in the backward
   p.dy = dy.const_data_ptr();
-  p.da = da.mutable_data_ptr();
   p.dg = dg.mutable_data_ptr();
   p.ds0 = dg.stride(0);
   p.ds1 = dg.stride(1);
   p.ds2 = dg.stride(2);
   const ConcatKernelTable& kt = concat_kernels();
-  const int64_t ntiles = (dv + kTile - 1) / kTile;
-  std::vector<double> dbpart(ntiles * M);  // per-tile partial dot products g_j . S_dy
-  p.dbpart = dbpart.data();
+  // The queries sorted by k (a stable counting sort, per batch): bin c is
+  // order[bin_start[c] .. bin_start[c + 1]).
+  std::vector<int64_t> order(B * N), bin_start(B * (M + 2));
+  const int64_t* kp = p.k;
   for (int64_t bi = 0; bi < B; ++bi) {
-    // da_i = dy_i . P_g[k_i] / M, split over queries.
-    at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
-      kt.query_grads(p, bi, i0, i1);
-    });
-    // Bins by k, then suffix sums over descending key ranks; each thread owns a range of
-    // feature-column tiles, so every sum runs in a fixed order.
-    at::parallel_for(0, ntiles, grain_for(N * kTile), [&](int64_t t0, int64_t t1) {
-      std::vector<double> H((M + 1) * 2 * kTile);
-      kt.key_grads(p, bi, t0, t1, H.data());
-    });
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_bwd", [&] {
-      scalar_t* dbp = db.mutable_data_ptr<scalar_t>() + bi * M;
-      for (int64_t j = 0; j < M; ++j) {
-        double s = 0.0;
-        for (int64_t c = 0; c < ntiles; ++c) s += dbpart[c * M + j];
-        dbp[j] = scalar_t(s * p.inv_m);
-      }
-    });
+    int64_t* bs = bin_start.data() + bi * (M + 2);
+    std::fill(bs, bs + M + 2, 0);
+    for (int64_t i = 0; i < N; ++i) ++bs[kp[bi * N + i] + 1];
+    for (int64_t c = 0; c <= M; ++c) bs[c + 1] += bs[c];
+    std::vector<int64_t> next(bs, bs + M + 1);
+    for (int64_t i = 0; i < N; ++i) order[bi * N + next[kp[bi * N + i]]++] = i;
   }
+  p.order = order.data();
+  p.bin_start = bin_start.data();
+  const int64_t nblocks = (dv + kBlock - 1) / kBlock;
+  std::vector<double> dapart(nblocks * B * N), dbpart(nblocks * B * M);
+  p.dapart = dapart.data();
+  p.dbpart = dbpart.data();
+  auto g_sorted = at::empty({B, M, dv}, a.options()), dg_sorted = at::empty({B, M, dv}, a.options());
+  p.g_sorted = g_sorted.mutable_data_ptr();
+  p.dg_sorted = dg_sorted.mutable_data_ptr();
+  const int64_t ntiles = (dv + kTile - 1) / kTile;
+  auto by_tiles = [&](auto&& fn) {  // fn(bi, c0, c1) over (batch, tile of columns)
+    at::parallel_for(0, B * ntiles, grain_for(M * kTile), [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w)
+        fn(w / ntiles, (w % ntiles) * kTile, std::min(dv, (w % ntiles + 1) * kTile));
+    });
+  };
+  by_tiles([&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
+  // One sweep per batch and block of feature columns: every sum has a fixed order, whichever
+  // thread runs the block.
+  at::parallel_for(0, B * nblocks, grain_for((N + M) * kBlock), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) kt.key_sweep(p, w / nblocks, w % nblocks, w % nblocks + 1);
+  });
+  by_tiles([&](int64_t bi, int64_t c0, int64_t c1) { kt.scatter_keys(p, bi, c0, c1); });
+  // da, db: the blocks' partial dot products added in block order.
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_bwd", [&] {
+    auto sum_blocks = [&](const std::vector<double>& part, int64_t n, scalar_t* out) {
+      for (int64_t i = 0; i < n; ++i) {
+        double s = 0.0;
+        for (int64_t c = 0; c < nblocks; ++c) s += part[c * n + i];
+        out[i] = scalar_t(s * p.inv_m);
+      }
+    };
+    sum_blocks(dapart, B * N, da.mutable_data_ptr<scalar_t>());
+    sum_blocks(dbpart, B * M, db_sorted.mutable_data_ptr<scalar_t>());
+    const scalar_t* dbs = db_sorted.const_data_ptr<scalar_t>();
+    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < B * M; ++r) dbp[(r / M) * M + p.perm[r]] = dbs[r];
+  });
   auto dw_theta = dw.narrow(0, 0, dk), dw_phi = dw.narrow(0, dk, dk);
   projection_grads(kt, theta, da, w.narrow(0, 0, dk), dtheta, dw_theta);
   projection_grads(kt, phi, db, w.narrow(0, dk, dk), dphi, dw_phi);
