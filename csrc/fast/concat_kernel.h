@@ -21,6 +21,7 @@ struct ConcatArgs {
   const void* a = nullptr;          // (B, N)
   const void* neg_b = nullptr;      // (B, M) ascending
   const int64_t* perm = nullptr;    // (B, M)
+  const int64_t* rank = nullptr;    // (B, M), the inverse of perm (gather_keys, scatter_keys)
   const void* g = nullptr;          // (B, M, dv), strides gs0, gs1, gs2
   int64_t gs0 = 0, gs1 = 0, gs2 = 0;
   void* P = nullptr;                // (B, M + 1, 2, dv) contiguous
@@ -35,8 +36,9 @@ struct ConcatArgs {
   const int64_t* bin_start = nullptr;
   double* dapart = nullptr;         // (ceil(dv / kBlock), B, N)
   double* dbpart = nullptr;         // (ceil(dv / kBlock), B, M), by key rank
-  // Backward: g's rows in key-rank order and dg's, (B, M, dv) contiguous (the sweep reads and
-  // writes whole rows in order; g and dg may be channels-first).
+  // g's rows in key-rank order and dg's, (B, M, dv) contiguous (the backward's sweep reads and
+  // writes whole rows in order; g and dg may be channels-first). The forward's prefix sums read
+  // g_sorted instead of g when it is set.
   void* g_sorted = nullptr;
   void* dg_sorted = nullptr;
 };
@@ -75,8 +77,8 @@ struct ConcatKernelTable {
   // and a dy (double), with their da partial dot products dy_i . P[k_i, 0]; then the key's dg
   // and its db partial dot product g_j . S_dy.
   void (*key_sweep)(const ConcatArgs& p, int64_t bi, int64_t k0, int64_t k1);
-  // Backward, batch bi, columns [c0, c1): g_sorted[r] = g[perm[r]], dg[perm[r]] = dg_sorted[r]
-  // (tiles of kTile columns, so that the strided side of a channels-first g stays in cache).
+  // Batch bi, columns [c0, c1): g_sorted[r] = g[perm[r]], dg[perm[r]] = dg_sorted[r] (tiles of
+  // kTile columns; a channels-first float g / dg goes through ATen's vector transposes).
   void (*gather_keys)(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1);
   void (*scatter_keys)(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1);
 };

@@ -5,6 +5,8 @@
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "concat_kernel_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
 #endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
 #define NLK_CONCAT_NS avx2
 #define NLK_CONCAT_TABLE kConcatKernelsAVX2
 #define NLK_CONCAT_LABEL "avx2"

@@ -6,6 +6,8 @@
     !defined(__AVX512DQ__) || !defined(__FMA__) || !defined(__F16C__)
 #error "concat_kernel_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c"
 #endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
 #define NLK_CONCAT_NS avx512
 #define NLK_CONCAT_TABLE kConcatKernelsAVX512
 #define NLK_CONCAT_LABEL "avx512"

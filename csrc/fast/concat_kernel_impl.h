@@ -1,6 +1,7 @@
 // The hot loops of the concatenation kernels (concat_kernel.h has the table and the work split).
 // Included by one .cpp per instruction set, which first defines NLK_CONCAT_NS (the namespace of
-// this copy) and NLK_CONCAT_TABLE / NLK_CONCAT_LABEL (the table it defines). The loops are plain
+// this copy), NLK_CONCAT_TABLE / NLK_CONCAT_LABEL (the table it defines) and CPU_CAPABILITY /
+// CPU_CAPABILITY_<ISA> (ATen's vector transposes, for channels-first g). The loops are plain
 // C++ written for the compiler's vectoriser (fixed-width inner loops over a tile of columns, unit
 // strides in their own branch); that is where the AVX2 / AVX-512 builds gain. Sums run in double
 // and in a fixed order, so a result does not depend on the thread that computed it; the builds
@@ -11,12 +12,16 @@
 // instructions, for every caller. Helpers live in an anonymous namespace.
 #pragma once
 
-#if !defined(NLK_CONCAT_NS) || !defined(NLK_CONCAT_TABLE) || !defined(NLK_CONCAT_LABEL)
-#error "define NLK_CONCAT_NS, NLK_CONCAT_TABLE and NLK_CONCAT_LABEL before including concat_kernel_impl.h"
+#if !defined(NLK_CONCAT_NS) || !defined(NLK_CONCAT_TABLE) || !defined(NLK_CONCAT_LABEL) || \
+    !defined(CPU_CAPABILITY)
+#error "define NLK_CONCAT_NS, NLK_CONCAT_TABLE, NLK_CONCAT_LABEL and CPU_CAPABILITY before including concat_kernel_impl.h"
 #endif
+
+#include "cpu/aten_vec.h"
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fast/concat_kernel.h"
 
@@ -157,9 +162,13 @@ void project_grads_impl(const ProjectArgs& p, int64_t c0, int64_t c1) {
 // One tile of w <= kTile columns of the prefix sums over the keys by decreasing b.
 template <typename T, bool kFull, bool kUnit>
 inline void prefix_tile(const ConcatArgs& p, int64_t bi, int64_t d0, int64_t w) {
-  const int64_t M = p.M, dv = p.dv, gs2 = kUnit ? 1 : p.gs2;
+  // Rows of g in rank order: g_sorted's (contiguous) when it is set, else g's through perm.
+  const bool sorted = p.g_sorted != nullptr;
+  const int64_t M = p.M, dv = p.dv, gs2 = (kUnit || sorted) ? 1 : p.gs2;
   const int64_t width = kFull ? kTile : w;
-  const T* g = static_cast<const T*>(p.g) + bi * p.gs0 + d0 * gs2;
+  const T* g = sorted ? static_cast<const T*>(p.g_sorted) + bi * M * dv + d0
+                      : static_cast<const T*>(p.g) + bi * p.gs0 + d0 * gs2;
+  const int64_t gs1 = sorted ? dv : p.gs1;
   const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
   const int64_t* pr = p.perm + bi * M;
   T* Pb = static_cast<T*>(p.P) + bi * (M + 1) * 2 * dv + d0;
@@ -169,7 +178,7 @@ inline void prefix_tile(const ConcatArgs& p, int64_t bi, int64_t d0, int64_t w) 
     Pb[d] = Pb[dv + d] = T(0);
   }
   for (int64_t r = 0; r < M; ++r) {
-    const T* gj = g + pr[r] * p.gs1;
+    const T* gj = g + (sorted ? r : pr[r]) * gs1;
     const double bj = -double(nb[r]);
     T* row = Pb + (r + 1) * 2 * dv;
     for (int64_t d = 0; d < width; ++d) {
@@ -182,11 +191,58 @@ inline void prefix_tile(const ConcatArgs& p, int64_t bi, int64_t d0, int64_t w) 
   }
 }
 
+// Columns [c0, c1) of the prefix sums when the rows of g are contiguous (g_sorted, or g with
+// unit column stride): blocks of kBlock columns, kLanes at a time (the vectoriser's shape).
+template <typename T>
+void prefix_rows(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  const bool sorted = p.g_sorted != nullptr;
+  const int64_t M = p.M, dv = p.dv, gs1 = sorted ? dv : p.gs1;
+  const T* g = sorted ? static_cast<const T*>(p.g_sorted) + bi * M * dv
+                      : static_cast<const T*>(p.g) + bi * p.gs0;
+  const T* nb = static_cast<const T*>(p.neg_b) + bi * M;
+  const int64_t* pr = p.perm + bi * M;
+  T* Pb = static_cast<T*>(p.P) + bi * (M + 1) * 2 * dv;
+  double sg[kBlock], sbg[kBlock];
+  for (int64_t d0 = c0; d0 < c1; d0 += kBlock) {
+    const int64_t width = imin(kBlock, c1 - d0);
+    for (int64_t d = 0; d < width; ++d) {
+      sg[d] = sbg[d] = 0.0;
+      Pb[d0 + d] = Pb[dv + d0 + d] = T(0);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const T* gj = g + (sorted ? r : pr[r]) * gs1 + d0;
+      const double bj = -double(nb[r]);
+      T* row = Pb + (r + 1) * 2 * dv + d0;
+      int64_t d = 0;
+      for (; d + kLanes <= width; d += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = double(gj[d + l]);
+          sg[d + l] += v;
+          sbg[d + l] += bj * v;
+          row[d + l] = T(sg[d + l]);
+          row[dv + d + l] = T(sbg[d + l]);
+        }
+      }
+      for (; d < width; ++d) {
+        const double v = double(gj[d]);
+        sg[d] += v;
+        sbg[d] += bj * v;
+        row[d] = T(sg[d]);
+        row[dv + d] = T(sbg[d]);
+      }
+    }
+  }
+}
+
 template <typename T>
 void prefix_sums_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  if (p.g_sorted != nullptr || p.gs2 == 1) {
+    prefix_rows<T>(p, bi, c0, c1);
+    return;
+  }
   for (int64_t d0 = c0; d0 < c1; d0 += kTile) {  // tiles of columns: the strided reads of a
     const int64_t w = imin(kTile, c1 - d0);       // channels-first g stay in cache
-    if (w == kTile && p.gs2 == 1)
+    if (w == kTile && (p.gs2 == 1 || p.g_sorted != nullptr))
       prefix_tile<T, true, true>(p, bi, d0, w);
     else if (w == kTile)
       prefix_tile<T, true, false>(p, bi, d0, w);
@@ -323,8 +379,52 @@ void permute_rows(T* dst, T* src, int64_t rs, int64_t cs, const int64_t* pr, int
   }
 }
 
+// Blocks of ATen's float transpose: one vector of floats (16 with AVX-512, else 8).
+constexpr int64_t kTB = at::vec::Vectorized<float>::size() >= 16 ? 16 : 8;
+
+// A channels-first float source / destination src(j, d) = src[j + d * cs], and dst row rank[j]
+// (contiguous, dv per row) for key j: kTB x kTB blocks through a transposed buffer, columns
+// [c0, c1); ragged edges element by element.
+template <bool kGather>
+void permute_transposed(float* dst, float* src, int64_t cs, const int64_t* rank, int64_t M,
+                        int64_t dv, int64_t c0, int64_t c1) {
+  alignas(64) float buf[kTB * kTB];
+  for (int64_t d0 = c0; d0 < c1; d0 += kTB) {
+    const int64_t dw = imin(kTB, c1 - d0);
+    for (int64_t j0 = 0; j0 < M; j0 += kTB) {
+      const int64_t jw = imin(kTB, M - j0);
+      if (dw == kTB && jw == kTB) {
+        if (kGather) {
+          at::vec::transpose_mxn<float, kTB, kTB>(src + d0 * cs + j0, cs, buf, kTB);
+          for (int64_t i = 0; i < kTB; ++i)
+            std::memcpy(dst + rank[j0 + i] * dv + d0, buf + i * kTB, sizeof(float) * kTB);
+        } else {
+          for (int64_t i = 0; i < kTB; ++i)
+            std::memcpy(buf + i * kTB, dst + rank[j0 + i] * dv + d0, sizeof(float) * kTB);
+          at::vec::transpose_mxn<float, kTB, kTB>(buf, kTB, src + d0 * cs + j0, cs);
+        }
+      } else {
+        for (int64_t d = 0; d < dw; ++d)
+          for (int64_t j = 0; j < jw; ++j) {
+            float* a = dst + rank[j0 + j] * dv + d0 + d;
+            float* b = src + (d0 + d) * cs + j0 + j;
+            if (kGather) *a = *b; else *b = *a;
+          }
+      }
+    }
+  }
+}
+
 template <typename T>
 void gather_keys_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.gs1 == 1 && p.gs2 != 1) {
+      permute_transposed<true>(static_cast<float*>(p.g_sorted) + bi * p.M * p.dv,
+                               const_cast<float*>(static_cast<const float*>(p.g)) + bi * p.gs0,
+                               p.gs2, p.rank + bi * p.M, p.M, p.dv, c0, c1);
+      return;
+    }
+  }
   permute_rows<T, true>(static_cast<T*>(p.g_sorted) + bi * p.M * p.dv,
                         const_cast<T*>(static_cast<const T*>(p.g)) + bi * p.gs0, p.gs1, p.gs2,
                         p.perm + bi * p.M, p.M, p.dv, c0, c1);
@@ -332,6 +432,14 @@ void gather_keys_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
 
 template <typename T>
 void scatter_keys_impl(const ConcatArgs& p, int64_t bi, int64_t c0, int64_t c1) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.ds1 == 1 && p.ds2 != 1) {
+      permute_transposed<false>(static_cast<float*>(p.dg_sorted) + bi * p.M * p.dv,
+                                static_cast<float*>(p.dg) + bi * p.ds0, p.ds2,
+                                p.rank + bi * p.M, p.M, p.dv, c0, c1);
+      return;
+    }
+  }
   permute_rows<T, false>(static_cast<T*>(p.dg_sorted) + bi * p.M * p.dv,
                          static_cast<T*>(p.dg) + bi * p.ds0, p.ds1, p.ds2, p.perm + bi * p.M,
                          p.M, p.dv, c0, c1);

@@ -142,6 +142,24 @@ ConcatArgs concat_args(const at::Tensor& a, const at::Tensor& neg_b_sorted,
   return p;
 }
 
+// rank = the inverse of perm, per batch.
+std::vector<int64_t> ranks_of(const ConcatArgs& p) {
+  std::vector<int64_t> rank(p.B * p.M);
+  for (int64_t bi = 0; bi < p.B; ++bi)
+    for (int64_t r = 0; r < p.M; ++r) rank[bi * p.M + p.perm[bi * p.M + r]] = r;
+  return rank;
+}
+
+// fn(bi, c0, c1) over (batch, tile of kTile columns), split over threads past kParallelWork.
+template <typename Fn>
+void by_tiles(const ConcatArgs& p, const Fn& fn) {
+  const int64_t ntiles = (p.dv + kTile - 1) / kTile;
+  at::parallel_for(0, p.B * ntiles, grain_for(p.M * kTile), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w)
+      fn(w / ntiles, (w % ntiles) * kTile, std::min(p.dv, (w % ntiles + 1) * kTile));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
     const at::Tensor& a, const at::Tensor& neg_b_sorted, const at::Tensor& perm,
     const at::Tensor& g) {
@@ -156,6 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
   p.y = y.mutable_data_ptr();
   const ConcatKernelTable& kt = concat_kernels();
   const int64_t ntiles = (dv + kTile - 1) / kTile;
+  // A g without unit column stride (channels-first, strided) is first gathered into rank order,
+  // so that the prefix sums run on contiguous rows.
+  at::Tensor g_sorted;
+  std::vector<int64_t> rank;
+  if (p.gs2 != 1) {
+    g_sorted = at::empty({B, M, dv}, a.options());
+    p.g_sorted = g_sorted.mutable_data_ptr();
+    rank = ranks_of(p);
+    p.rank = rank.data();
+    by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
+  }
   for (int64_t bi = 0; bi < B; ++bi) {
     // Prefix sums over the keys by decreasing b, split over tiles of feature columns.
     at::parallel_for(0, ntiles, grain_for(M * kTile), [&](int64_t t0, int64_t t1) {
@@ -226,20 +255,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu
   auto g_sorted = at::empty({B, M, dv}, a.options()), dg_sorted = at::empty({B, M, dv}, a.options());
   p.g_sorted = g_sorted.mutable_data_ptr();
   p.dg_sorted = dg_sorted.mutable_data_ptr();
-  const int64_t ntiles = (dv + kTile - 1) / kTile;
-  auto by_tiles = [&](auto&& fn) {  // fn(bi, c0, c1) over (batch, tile of columns)
-    at::parallel_for(0, B * ntiles, grain_for(M * kTile), [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w)
-        fn(w / ntiles, (w % ntiles) * kTile, std::min(dv, (w % ntiles + 1) * kTile));
-    });
-  };
-  by_tiles([&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
+  const std::vector<int64_t> rank = ranks_of(p);
+  p.rank = rank.data();
+  by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
   // One sweep per batch and block of feature columns: every sum has a fixed order, whichever
   // thread runs the block.
   at::parallel_for(0, B * nblocks, grain_for((N + M) * kBlock), [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) kt.key_sweep(p, w / nblocks, w % nblocks, w % nblocks + 1);
   });
-  by_tiles([&](int64_t bi, int64_t c0, int64_t c1) { kt.scatter_keys(p, bi, c0, c1); });
+  by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.scatter_keys(p, bi, c0, c1); });
   // da, db: the blocks' partial dot products added in block order.
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_bwd", [&] {
     auto sum_blocks = [&](const std::vector<double>& part, int64_t n, scalar_t* out) {
