@@ -8,6 +8,9 @@ Rounds of `fast` and `reference` alternate (so a change in the machine's load hi
 figure is the median over the rounds after warm-up. One thread: CPU time of the process
 (time.process_time, which a descheduled thread does not inflate); more threads: wall time.
 --profile prints torch.profiler's table of one fast round per thread count.
+--ops times the C++ ops alone (concat_sorted_fwd, concat_sorted_bwd, concat_project on theta;
+min / median of 60 calls, no reference rounds in between) at each thread count, for the build
+NONLOCAL_KERNELS_CPU_ISA selects.
 """
 import argparse
 import statistics
@@ -26,6 +29,31 @@ def one_round(backend, t, p, g, w, dy):
     y.backward(dy)
 
 
+def time_ops(t, p, g, w, rounds=60):
+    """min / median ms of each C++ op of the fast concatenation path, called directly."""
+    ops = torch.ops.nonlocal_kernels
+    dk = t.shape[2]
+    with torch.no_grad():
+        y, a, nbs, perm, k, P = torch.ops.nonlocal_kernels_fast.concat_fwd(t, p, g, w)
+        dy = torch.randn_like(y)
+        w_theta = w[:dk].contiguous()
+        calls = {"concat_sorted_fwd": lambda: ops.concat_sorted_fwd(a, nbs, perm, g),
+                 "concat_sorted_bwd": lambda: ops.concat_sorted_bwd(dy, a, k, P, nbs, perm, g, t,
+                                                                    p, w),
+                 "concat_project(theta)": lambda: ops.concat_project(t, w_theta)}
+        out = {}
+        for name, f in calls.items():
+            for _ in range(5):
+                f()
+            ts = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            out[name] = (min(ts) * 1e3, statistics.median(ts) * 1e3)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", type=int, nargs=5, default=[1, 3136, 784, 256, 256])
@@ -33,6 +61,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ops", action="store_true")
     args = ap.parse_args()
     B, N, M, dk, dv = args.shape
     torch.manual_seed(0)
@@ -43,6 +72,11 @@ def main():
     print(f"nonlocal_kernels from {nk.__file__}; torch {torch.__version__}; shape {args.shape}")
     for threads in args.threads:
         torch.set_num_threads(threads)
+        if args.ops:
+            res = time_ops(*(x.detach() for x in (t, p, g, w)))
+            print(f"threads={threads} ops alone (min / median ms of 60): " + ", ".join(
+                f"{n} {lo:.3f} / {med:.3f}" for n, (lo, med) in res.items()))
+            continue
         clock = time.process_time if threads == 1 else time.perf_counter
         times = {"fast": [], "reference": []}
         for _ in range(args.warmup):
