@@ -8,8 +8,8 @@
   TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" when no GPU is visible.
 - NONLOCAL_KERNELS_EMU=1 also builds nonlocal_kernels._C_emu from csrc/emu/*.cpp: the CUDA
   kernel sources compiled by the host compiler against csrc/emu/cuda_emu.h (tests only).
-- csrc/cpu/softmax_kernel_avx2.cpp and softmax_kernel_avx512.cpp alone are compiled with their
-  instruction sets' flags on x86-64 (ISA_FLAGS; CMakeLists.txt does the same); everything else
+- csrc/cpu/softmax_kernel_avx2.cpp, softmax_kernel_avx512.cpp and csrc/fast/concat_kernel_avx2.cpp,
+  concat_kernel_avx512.cpp alone are compiled with their instruction sets' flags on x86-64 (ISA_FLAGS; CMakeLists.txt does the same); everything else
   keeps the baseline ISA.
 - NONLOCAL_KERNELS_WERROR=1 turns warnings in our own sources into errors (CI).
   NONLOCAL_KERNELS_CUDA_WERROR=1 does it for the .cu files only (nvcc, device and host side);
@@ -28,9 +28,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Sources compiled for one instruction set, with that set's flags (x86-64 only: elsewhere they
 # compile to nothing). softmax_cpu.cpp calls their kernels only when the CPU has the features.
-ISA_FLAGS = {"csrc/cpu/softmax_kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-             "csrc/cpu/softmax_kernel_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl",
-                                                    "-mavx512dq", "-mfma", "-mf16c"]}
+_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+ISA_FLAGS = {"csrc/cpu/softmax_kernel_avx2.cpp": _AVX2_FLAGS,
+             "csrc/cpu/softmax_kernel_avx512.cpp": _AVX512_FLAGS,
+             "csrc/fast/concat_kernel_avx2.cpp": _AVX2_FLAGS,
+             "csrc/fast/concat_kernel_avx512.cpp": _AVX512_FLAGS}
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 

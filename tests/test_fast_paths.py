@@ -6,6 +6,7 @@ strided and channels-first inputs, ties, a_i + b_j exactly 0, and error growth u
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -180,6 +181,85 @@ def test_deterministic(path):
             outs.append([y.detach().clone()] + [t.grad.clone() for t in (theta, phi, g, w)])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# the C++ concatenation kernels' per-ISA builds (csrc/fast/concat_kernel_*.cpp)
+# --------------------------------------------------------------------------------------------
+
+_CPU_FLAGS = (open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else [])
+_HAS_AVX2 = all(f in _CPU_FLAGS for f in ("avx2", "fma", "f16c"))
+_HAS_AVX512 = _HAS_AVX2 and all(f in _CPU_FLAGS for f in ("avx512f", "avx512bw", "avx512vl",
+                                                          "avx512dq"))
+# Every build this CPU runs: NONLOCAL_KERNELS_CPU_ISA forces one (None: the default choice).
+CONCAT_ISAS = ([None] + (["avx512"] if _HAS_AVX512 else []) + (["avx2"] if _HAS_AVX2 else [])
+               + ["default"])
+
+
+def _compiled_concat():
+    if not fast.compiled_concat_available(torch.device("cpu")):
+        pytest.skip("nonlocal_kernels._C (the C++ concatenation kernels) is not built")
+
+
+@pytest.mark.parametrize("isa", CONCAT_ISAS, ids=lambda v: v or "auto")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("layout", ["channels_first", "contiguous", "strided"])
+@pytest.mark.parametrize("B,N,M,dk,dv", [(2, 300, 37, 19, 150), (1, 40, 200, 260, 131)])
+def test_concat_kernel_builds_match_oracle(isa, dtype, layout, B, N, M, dk, dv, monkeypatch):
+    # Sizes that reach every branch of the loops: dv = 150 / 131 is a whole 128-column block of
+    # the backward's sweep plus a ragged one (not a multiple of its 8 lanes) and ragged
+    # 16-column tiles; N = 300 a whole 256-row block of the channels-first projection plus a
+    # tail; dk = 260 dot products over whole lanes and a tail; M > N and M < N.
+    _compiled_concat()
+    if isa is not None:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
+    run_checks(make_inputs(B, N, M, dk, dv, dtype=dtype, layout=layout, with_concat=True),
+               "concatenation", None)
+
+
+@pytest.mark.parametrize("isa", CONCAT_ISAS, ids=lambda v: v or "auto")
+def test_concat_kernel_builds_are_deterministic(isa, monkeypatch):
+    _compiled_concat()
+    if isa is not None:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
+    theta, phi, g, w = [t.detach().requires_grad_() for t in
+                        make_inputs(2, 300, 80, 16, 150, with_concat=True)]
+    dy = torch.randn(2, 300, 150)
+    outs = []
+    for threads in (1, 2, 1):
+        with _threads(threads):
+            for t in (theta, phi, g, w):
+                t.grad = None
+            y = nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w,
+                                   backend="fast")
+            y.backward(dy)
+            outs.append([y.detach().clone()] + [t.grad.clone() for t in (theta, phi, g, w)])
+    for run in outs[1:]:
+        for a, b in zip(outs[0], run):
+            assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concat_kernel_build_variable_is_honoured(monkeypatch):
+    _compiled_concat()
+    theta, phi, g, w = make_inputs(1, 5, 4, 3, 2, with_concat=True)
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "sse")
+    with pytest.raises(RuntimeError, match="expected 'avx512', 'avx2' or 'default'"):
+        nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w, backend="fast")
+    if not _HAS_AVX512:
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            nonlocal_attention(theta, phi, g, mode="concatenation", concat_weight=w,
+                               backend="fast")
 
 
 # --------------------------------------------------------------------------------------------

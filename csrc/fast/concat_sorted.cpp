@@ -13,19 +13,25 @@
 //   with k_i > d: dg_j = (b_j S_dy + S_ady) / M, db_j = g_j . S_dy / M with S the suffix sums
 //   over the per-k bins of dy and a * dy (bins and suffix sums in double); then
 //   dtheta = da w_theta^T, dphi = db w_phi^T, dw = [sum_i da_i theta_i, sum_j db_j phi_j].
+// concat_project(x, w) -> out
+//   x (B, L, dk) any strides, w (dk,) contiguous, float32 or float64: out[b, l] = x[b, l] . w,
+//   summed in double (the projections a = theta w_theta and b = phi w_phi).
 // Every loop is deterministic: parallel loops split rows (da, y) or feature columns (bins).
+// The loops themselves are in concat_kernel_impl.h, built once per instruction set
+// (concat_kernel.h); this file checks, allocates, splits the work and picks the build.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
+#include "fast/concat_kernel.h"
+
+namespace nonlocal_kernels::fast {
 namespace {
 
-constexpr int64_t kTile = 16;  // feature columns per tile of the per-key loops
-constexpr int kLanes = 8;      // independent partial sums of a dot product (vectorisable)
 // A loop runs on several threads only when each thread gets at least this many elements of
 // work: below it (I3D res3's ~1 ms loops) a thread hand-off costs more than it saves, and on a
 // shared machine a parallel region waits for a descheduled thread (milliseconds).
@@ -36,62 +42,66 @@ inline int64_t grain_for(int64_t per_item, int64_t at_least = 1) {
   return std::max(at_least, kParallelWork / std::max<int64_t>(1, per_item));
 }
 
-// sum_d x[d] * y[d] with kLanes interleaved partial sums in acc_t.
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += acc_t(x[d + l]) * acc_t(y[d + l]);
-  acc_t s = 0;
-  for (; d < n; ++d) s += acc_t(x[d]) * acc_t(y[d]);
-  for (int l = 0; l < kLanes; ++l) s += lane[l];
-  return s;
+// The kernel build cpu::selected_isa() picks (NONLOCAL_KERNELS_CPU_ISA, the CPU's features).
+const ConcatKernelTable& concat_kernels() {
+  switch (cpu::selected_isa()) {
+#if defined(__x86_64__)
+    case cpu::Isa::kAVX512: return kConcatKernelsAVX512;
+    case cpu::Isa::kAVX2: return kConcatKernelsAVX2;
+#endif
+    default: return kConcatKernelsDefault;
+  }
 }
 
-// For x (B, L, dk) any strides, d (B, L) contiguous and w (dk,) contiguous:
-//   dx[b, l, c] = d[b, l] * w[c] (dx laid out like x) and wgrad[c] = sum_{b,l} d[b, l] x[b, l, c]
-// (in double). The loops run along x's smaller stride.
-template <typename scalar_t>
-void projection_grads(const at::Tensor& x, const scalar_t* d, const scalar_t* w, at::Tensor& dx,
-                      scalar_t* wgrad) {
-  const int64_t B = x.size(0), L = x.size(1), dk = x.size(2);
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
-  const int64_t os0 = dx.stride(0), os1 = dx.stride(1), os2 = dx.stride(2);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  scalar_t* op = dx.mutable_data_ptr<scalar_t>();
-  if (xs1 <= xs2) {  // channels-first: each feature column c is a run over l
-    at::parallel_for(0, dk, grain_for(B * L), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double acc = 0.0;
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* xc = xp + b * xs0 + c * xs2;
-          scalar_t* oc = op + b * os0 + c * os2;
-          const scalar_t* db = d + b * L;
-          double lane[4] = {};
-          for (int64_t l = 0; l < L; ++l) {
-            oc[l * os1] = db[l] * w[c];
-            lane[l & 3] += double(db[l]) * double(xc[l * xs1]);
-          }
-          acc += (lane[0] + lane[1]) + (lane[2] + lane[3]);
-        }
-        wgrad[c] = scalar_t(acc);
-      }
+ProjectArgs project_args(const at::Tensor& x, const at::Tensor& w) {
+  ProjectArgs p;
+  p.is_double = x.scalar_type() == at::kDouble;
+  p.B = x.size(0);
+  p.L = x.size(1);
+  p.dk = x.size(2);
+  p.x = x.const_data_ptr();
+  p.xs0 = x.stride(0);
+  p.xs1 = x.stride(1);
+  p.xs2 = x.stride(2);
+  p.w = w.const_data_ptr();
+  return p;
+}
+
+// out[b, l] = x[b, l, :] . w (summed in double), x any strides. Rows are split over threads only
+// past kParallelWork elements per thread: I3D res3's projections (0.8 M and 0.2 M elements) run
+// on the calling thread, where torch.bmm's BLAS opened a parallel region for them.
+at::Tensor concat_project_cpu(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 1 && w.size(0) == x.size(2) && w.is_contiguous() &&
+                  x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "concat_project: x (B, L, dk) and contiguous w (dk,) of one dtype, float32 or "
+              "float64, expected");
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  ProjectArgs p = project_args(x, w);
+  p.out = out.mutable_data_ptr();
+  const ConcatKernelTable& kt = concat_kernels();
+  at::parallel_for(0, p.B * p.L, grain_for(p.dk), [&](int64_t r0, int64_t r1) {
+    kt.project(p, r0, r1);
+  });
+  return out;
+}
+
+// dx = d w^T laid out like x, wgrad = sum_{b,l} d[b, l] x[b, l, :] (in double).
+void projection_grads(const ConcatKernelTable& kt, const at::Tensor& x, const at::Tensor& d,
+                      const at::Tensor& w, at::Tensor& dx, at::Tensor& wgrad) {
+  ProjectArgs p = project_args(x, w);
+  p.d = d.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  p.os0 = dx.stride(0);
+  p.os1 = dx.stride(1);
+  p.os2 = dx.stride(2);
+  p.wgrad = wgrad.mutable_data_ptr();
+  if (p.xs1 < p.xs2) {  // channels-first: the threads split the feature columns
+    at::parallel_for(0, p.dk, grain_for(p.B * p.L), [&](int64_t c0, int64_t c1) {
+      kt.project_grads(p, c0, c1);
     });
-  } else {  // rows: each (b, l) is a run over c
-    std::vector<double> acc(dk, 0.0);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t l = 0; l < L; ++l) {
-        const scalar_t* xr = xp + b * xs0 + l * xs1;
-        scalar_t* orow = op + b * os0 + l * os1;
-        const scalar_t dl = d[b * L + l];
-        for (int64_t c = 0; c < dk; ++c) {
-          orow[c * os2] = dl * w[c];
-          acc[c] += double(dl) * double(xr[c * xs2]);
-        }
-      }
-    }
-    for (int64_t c = 0; c < dk; ++c) wgrad[c] = scalar_t(acc[c]);
+  } else {
+    kt.project_grads(p, 0, p.dk);
   }
 }
 
@@ -105,9 +115,49 @@ void check_common(const at::Tensor& a, const at::Tensor& neg_b_sorted, const at:
   TORCH_CHECK(a.scalar_type() == neg_b_sorted.scalar_type() &&
                   a.scalar_type() == g.scalar_type(),
               "concat_sorted: a, neg_b_sorted and g must have one dtype");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "concat_sorted: float32 or float64 expected, got ", a.scalar_type());
   TORCH_CHECK(neg_b_sorted.size(0) == a.size(0) && perm.sizes() == neg_b_sorted.sizes() &&
                   g.size(0) == a.size(0) && g.size(1) == perm.size(1),
               "concat_sorted: inconsistent sizes");
+}
+
+ConcatArgs concat_args(const at::Tensor& a, const at::Tensor& neg_b_sorted,
+                       const at::Tensor& perm, const at::Tensor& g) {
+  ConcatArgs p;
+  p.is_double = a.scalar_type() == at::kDouble;
+  p.B = a.size(0);
+  p.N = a.size(1);
+  p.M = g.size(1);
+  p.dv = g.size(2);
+  // 1/M rounded to the dtype, as the kernels have always used it.
+  p.inv_m = p.is_double ? 1.0 / double(p.M) : double(1.0f / float(p.M));
+  p.a = a.const_data_ptr();
+  p.neg_b = neg_b_sorted.const_data_ptr();
+  p.perm = perm.const_data_ptr<int64_t>();
+  p.g = g.const_data_ptr();
+  p.gs0 = g.stride(0);
+  p.gs1 = g.stride(1);
+  p.gs2 = g.stride(2);
+  return p;
+}
+
+// rank = the inverse of perm, per batch.
+std::vector<int64_t> ranks_of(const ConcatArgs& p) {
+  std::vector<int64_t> rank(p.B * p.M);
+  for (int64_t bi = 0; bi < p.B; ++bi)
+    for (int64_t r = 0; r < p.M; ++r) rank[bi * p.M + p.perm[bi * p.M + r]] = r;
+  return rank;
+}
+
+// fn(bi, c0, c1) over (batch, tile of kTile columns), split over threads past kParallelWork.
+template <typename Fn>
+void by_tiles(const ConcatArgs& p, const Fn& fn) {
+  const int64_t ntiles = (p.dv + kTile - 1) / kTile;
+  at::parallel_for(0, p.B * ntiles, grain_for(p.M * kTile), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w)
+      fn(w / ntiles, (w % ntiles) * kTile, std::min(p.dv, (w % ntiles + 1) * kTile));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
@@ -118,59 +168,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_sorted_fwd_cpu(
   auto y = at::empty({B, N, dv}, a.options());
   auto P = at::empty({B, M + 1, 2, dv}, a.options());
   auto k = at::empty({B, N}, a.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_fwd", [&] {
-    const scalar_t inv_m = scalar_t(1) / scalar_t(M);
-    const int64_t gs0 = g.stride(0), gs1 = g.stride(1), gs2 = g.stride(2);
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const int64_t* pp = perm.const_data_ptr<int64_t>();
-    const scalar_t* nbp = neg_b_sorted.const_data_ptr<scalar_t>();
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    scalar_t* Pp = P.mutable_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    int64_t* kp = k.mutable_data_ptr<int64_t>();
-    for (int64_t bi = 0; bi < B; ++bi) {
-      // Prefix sums over the keys by decreasing b, split over feature columns.
-      const scalar_t* nb = nbp + bi * M;
-      const int64_t* pr = pp + bi * M;
-      scalar_t* Pb = Pp + bi * (M + 1) * 2 * dv;
-      at::parallel_for(0, dv, grain_for(M, kTile), [&](int64_t c0, int64_t c1) {
-        double sg[kTile], sbg[kTile];
-        for (int64_t d0 = c0; d0 < c1; d0 += kTile) {  // tiles of columns: the strided reads
-          const int64_t w = std::min(kTile, c1 - d0);    // of a channels-first g stay in cache
-          for (int64_t d = 0; d < w; ++d) {
-            sg[d] = sbg[d] = 0.0;
-            Pb[d0 + d] = Pb[dv + d0 + d] = scalar_t(0);
-          }
-          for (int64_t r = 0; r < M; ++r) {
-            const scalar_t* gj = gp + bi * gs0 + pr[r] * gs1 + d0 * gs2;
-            const double bj = -double(nb[r]);
-            scalar_t* row = Pb + (r + 1) * 2 * dv + d0;
-            for (int64_t d = 0; d < w; ++d) {
-              const double v = double(gj[d * gs2]);
-              sg[d] += v;
-              sbg[d] += bj * v;
-              row[d] = scalar_t(sg[d]);
-              row[dv + d] = scalar_t(sbg[d]);
-            }
-          }
-        }
-      });
-      // Binary search and the output rows, split over queries.
-      const scalar_t* ab = ap + bi * N;
-      at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t ai = ab[i];
-          const int64_t ki = std::lower_bound(nb, nb + M, ai) - nb;  // #{r : nb[r] < ai}
-          kp[bi * N + i] = ki;
-          const scalar_t* Pg = Pb + ki * 2 * dv;
-          const scalar_t* Pbg = Pg + dv;
-          scalar_t* yi = yp + (bi * N + i) * dv;
-          const scalar_t wa = ai * inv_m;
-          for (int64_t d = 0; d < dv; ++d) yi[d] = Pbg[d] * inv_m + wa * Pg[d];
-        }
-      });
-    }
-  });
+  ConcatArgs p = concat_args(a, neg_b_sorted, perm, g);
+  p.P = P.mutable_data_ptr();
+  p.k = k.mutable_data_ptr<int64_t>();
+  p.y = y.mutable_data_ptr();
+  const ConcatKernelTable& kt = concat_kernels();
+  const int64_t ntiles = (dv + kTile - 1) / kTile;
+  // A g without unit column stride (channels-first, strided) is first gathered into rank order,
+  // so that the prefix sums run on contiguous rows.
+  at::Tensor g_sorted;
+  std::vector<int64_t> rank;
+  if (p.gs2 != 1) {
+    g_sorted = at::empty({B, M, dv}, a.options());
+    p.g_sorted = g_sorted.mutable_data_ptr();
+    rank = ranks_of(p);
+    p.rank = rank.data();
+    by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
+  }
+  for (int64_t bi = 0; bi < B; ++bi) {
+    // Prefix sums over the keys by decreasing b, split over tiles of feature columns.
+    at::parallel_for(0, ntiles, grain_for(M * kTile), [&](int64_t t0, int64_t t1) {
+      kt.prefix_sums(p, bi, t0 * kTile, std::min(dv, t1 * kTile));
+    });
+    // Binary search and the output rows, split over queries.
+    at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
+      kt.query_rows(p, bi, i0, i1);
+    });
+  }
   return {y, P, k};
 }
 
@@ -200,89 +224,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> concat_sorted_bwd_cpu
   auto dw = at::empty({2 * dk}, a.options());
   auto da = at::empty({B, N}, a.options());
   auto dg = at::empty_like(g);  // g's strides (channels-first stays channels-first)
-  auto db = at::empty({B, M}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_bwd", [&] {
-    const scalar_t inv_m = scalar_t(1) / scalar_t(M);
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const int64_t* kp = k.const_data_ptr<int64_t>();
-    const scalar_t* Pp = P.const_data_ptr<scalar_t>();
-    const scalar_t* nbp = neg_b_sorted.const_data_ptr<scalar_t>();
-    const int64_t* pp = perm.const_data_ptr<int64_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const int64_t gs0 = g.stride(0), gs1 = g.stride(1), gs2 = g.stride(2);
-    const int64_t ds0 = dg.stride(0), ds1 = dg.stride(1), ds2 = dg.stride(2);
-    scalar_t* dap = da.mutable_data_ptr<scalar_t>();
-    scalar_t* dgp = dg.mutable_data_ptr<scalar_t>();
-    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-    for (int64_t bi = 0; bi < B; ++bi) {
-      const scalar_t* Pb = Pp + bi * (M + 1) * 2 * dv;
-      const int64_t* kb = kp + bi * N;
-      const scalar_t* ab = ap + bi * N;
-      const scalar_t* dyb = dyp + bi * N * dv;
-      // da_i = dy_i . P_g[k_i] / M, split over queries.
-      at::parallel_for(0, N, grain_for(dv), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t* Pg = Pb + kb[i] * 2 * dv;
-          const scalar_t* dyi = dyb + i * dv;
-          dap[bi * N + i] = dot<scalar_t>(dyi, Pg, dv) * inv_m;
-        }
-      });
-      // Bins by k (sums of dy and a dy), then suffix sums over descending key ranks; each
-      // thread owns a range of feature columns, so every sum runs in a fixed order.
-      const scalar_t* nb = nbp + bi * M;
-      const int64_t* pr = pp + bi * M;
-      const int64_t nchunks = (dv + kTile - 1) / kTile;
-      std::vector<double> dbpart(nchunks * M);  // per-tile partial dot products g_j . S_dy
-      at::parallel_for(0, nchunks, grain_for(N * kTile), [&](int64_t c0, int64_t c1) {
-        std::vector<double> H((M + 1) * 2 * kTile);
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t d0 = c * kTile, w = std::min(kTile, dv - d0);
-          std::fill(H.begin(), H.end(), 0.0);
-          for (int64_t i = 0; i < N; ++i) {
-            double* h = H.data() + kb[i] * 2 * kTile;
-            const scalar_t* dyi = dyb + i * dv + d0;
-            const double ai = double(ab[i]);
-            for (int64_t d = 0; d < w; ++d) {
-              const double v = double(dyi[d]);
-              h[d] += v;
-              h[kTile + d] += ai * v;
-            }
-          }
-          double sdy[kTile] = {}, sady[kTile] = {};
-          double* part = dbpart.data() + c * M;
-          for (int64_t r = M - 1; r >= 0; --r) {  // key of descending rank r: bins k > r
-            const double* h = H.data() + (r + 1) * 2 * kTile;
-            const int64_t j = pr[r];
-            const double bj = -double(nb[r]);
-            const scalar_t* gj = gp + bi * gs0 + j * gs1 + d0 * gs2;
-            scalar_t* dgj = dgp + bi * ds0 + j * ds1 + d0 * ds2;
-            double dotl[4] = {};
-            for (int64_t d = 0; d < w; ++d) {
-              sdy[d] += h[d];
-              sady[d] += h[kTile + d];
-              dgj[d * ds2] = scalar_t((bj * sdy[d] + sady[d]) * double(inv_m));
-              dotl[d & 3] += double(gj[d * gs2]) * sdy[d];
-            }
-            part[j] = (dotl[0] + dotl[1]) + (dotl[2] + dotl[3]);
-          }
-        }
-      });
-      for (int64_t j = 0; j < M; ++j) {
-        double s = 0.0;
-        for (int64_t c = 0; c < nchunks; ++c) s += dbpart[c * M + j];
-        dbp[bi * M + j] = scalar_t(s * double(inv_m));
-      }
-    }
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    scalar_t* dwp = dw.mutable_data_ptr<scalar_t>();
-    projection_grads<scalar_t>(theta, dap, wp, dtheta, dwp);
-    projection_grads<scalar_t>(phi, dbp, wp + dk, dphi, dwp + dk);
+  auto db = at::empty({B, M}, a.options()), db_sorted = at::empty({B, M}, a.options());
+  ConcatArgs p = concat_args(a, neg_b_sorted, perm, g);
+  p.P = const_cast<void*>(P.const_data_ptr());  // read only in the backward
+  p.k = const_cast<int64_t*>(k.const_data_ptr<int64_t>());  // read only in the backward
+  p.dy = dy.const_data_ptr();
+  p.dg = dg.mutable_data_ptr();
+  p.ds0 = dg.stride(0);
+  p.ds1 = dg.stride(1);
+  p.ds2 = dg.stride(2);
+  const ConcatKernelTable& kt = concat_kernels();
+  // The queries sorted by k (a stable counting sort, per batch): bin c is
+  // order[bin_start[c] .. bin_start[c + 1]).
+  std::vector<int64_t> order(B * N), bin_start(B * (M + 2));
+  const int64_t* kp = p.k;
+  for (int64_t bi = 0; bi < B; ++bi) {
+    int64_t* bs = bin_start.data() + bi * (M + 2);
+    std::fill(bs, bs + M + 2, 0);
+    for (int64_t i = 0; i < N; ++i) ++bs[kp[bi * N + i] + 1];
+    for (int64_t c = 0; c <= M; ++c) bs[c + 1] += bs[c];
+    std::vector<int64_t> next(bs, bs + M + 1);
+    for (int64_t i = 0; i < N; ++i) order[bi * N + next[kp[bi * N + i]]++] = i;
+  }
+  p.order = order.data();
+  p.bin_start = bin_start.data();
+  const int64_t nblocks = (dv + kBlock - 1) / kBlock;
+  std::vector<double> dapart(nblocks * B * N), dbpart(nblocks * B * M);
+  p.dapart = dapart.data();
+  p.dbpart = dbpart.data();
+  auto g_sorted = at::empty({B, M, dv}, a.options()), dg_sorted = at::empty({B, M, dv}, a.options());
+  p.g_sorted = g_sorted.mutable_data_ptr();
+  p.dg_sorted = dg_sorted.mutable_data_ptr();
+  const std::vector<int64_t> rank = ranks_of(p);
+  p.rank = rank.data();
+  by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.gather_keys(p, bi, c0, c1); });
+  // One sweep per batch and block of feature columns: every sum has a fixed order, whichever
+  // thread runs the block.
+  at::parallel_for(0, B * nblocks, grain_for((N + M) * kBlock), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) kt.key_sweep(p, w / nblocks, w % nblocks, w % nblocks + 1);
   });
+  by_tiles(p, [&](int64_t bi, int64_t c0, int64_t c1) { kt.scatter_keys(p, bi, c0, c1); });
+  // da, db: the blocks' partial dot products added in block order.
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "concat_sorted_bwd", [&] {
+    auto sum_blocks = [&](const std::vector<double>& part, int64_t n, scalar_t* out) {
+      for (int64_t i = 0; i < n; ++i) {
+        double s = 0.0;
+        for (int64_t c = 0; c < nblocks; ++c) s += part[c * n + i];
+        out[i] = scalar_t(s * p.inv_m);
+      }
+    };
+    sum_blocks(dapart, B * N, da.mutable_data_ptr<scalar_t>());
+    sum_blocks(dbpart, B * M, db_sorted.mutable_data_ptr<scalar_t>());
+    const scalar_t* dbs = db_sorted.const_data_ptr<scalar_t>();
+    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < B * M; ++r) dbp[(r / M) * M + p.perm[r]] = dbs[r];
+  });
+  auto dw_theta = dw.narrow(0, 0, dk), dw_phi = dw.narrow(0, dk, dk);
+  projection_grads(kt, theta, da, w.narrow(0, 0, dk), dtheta, dw_theta);
+  projection_grads(kt, phi, db, w.narrow(0, dk, dk), dphi, dw_phi);
   return {dtheta, dphi, dg, dw};
 }
 
 }  // namespace
+}  // namespace nonlocal_kernels::fast
 
 TORCH_LIBRARY_FRAGMENT(nonlocal_kernels, m) {
   m.def(
@@ -292,9 +296,11 @@ TORCH_LIBRARY_FRAGMENT(nonlocal_kernels, m) {
       "concat_sorted_bwd(Tensor dy, Tensor a, Tensor k, Tensor P, Tensor neg_b_sorted, "
       "Tensor perm, Tensor g, Tensor theta, Tensor phi, Tensor w) -> "
       "(Tensor dtheta, Tensor dphi, Tensor dg, Tensor dw)");
+  m.def("concat_project(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nonlocal_kernels, CPU, m) {
-  m.impl("concat_sorted_fwd", &concat_sorted_fwd_cpu);
-  m.impl("concat_sorted_bwd", &concat_sorted_bwd_cpu);
+  m.impl("concat_sorted_fwd", &nonlocal_kernels::fast::concat_sorted_fwd_cpu);
+  m.impl("concat_sorted_bwd", &nonlocal_kernels::fast::concat_sorted_bwd_cpu);
+  m.impl("concat_project", &nonlocal_kernels::fast::concat_project_cpu);
 }

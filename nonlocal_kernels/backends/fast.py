@@ -45,7 +45,10 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
   On CPU, when nonlocal_kernels._C is built, two fused C++ kernels (csrc/fast/concat_sorted.cpp)
   replace these op chains: forward = prefix sums (in float64) + binary search + output rows;
   backward = da + per-k bins + suffix sums (in float64) + dg + db + the projections' gradients
-  (dtheta, dphi, dw); the projections and the sort stay PyTorch ops. On the 2-core development
+  (dtheta, dphi, dw); the projections a and b are a third C++ op (concat_project: one thread
+  below 2^20 elements per thread, where a BLAS matrix-vector product would open a parallel
+  region), the sort stays a PyTorch op. The loops are built per instruction set (AVX-512, AVX2,
+  portable; NONLOCAL_KERNELS_CPU_ISA as for the CPU softmax kernels). On the 2-core development
   VM, I3D res3 forward+backward takes 4.4-9.0 ms with them and 7.0-11.5 ms without, on one
   thread (section 1 of benchmarks/results/fast-paths-2026-11-24.md).
   :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
@@ -517,7 +520,7 @@ _use_compiled_concat = True
 @functools.lru_cache(maxsize=None)
 def _compiled_concat_built() -> bool:
     from .. import ops
-    names = [f"{ops.NAMESPACE}::concat_sorted_{s}" for s in ("fwd", "bwd")]
+    names = [f"{ops.NAMESPACE}::concat_{s}" for s in ("sorted_fwd", "sorted_bwd", "project")]
     return ops._C is not None and all(
         ops._op_exists(n) and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")
         for n in names)
@@ -597,12 +600,18 @@ def _concat_pytorch_bwd(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P):
     return dtheta, dphi, dg, dw
 
 
+def _concat_project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, L, dk) @ (dk,) -> (B, L), contiguous, by the C++ op (summed in float64)."""
+    return ops.run_op(torch.ops.nonlocal_kernels.concat_project.default, x, w)
+
+
 def _concat_compiled_fwd(theta, phi, g, w):
     dk = theta.shape[2]
     cdt = _compute_dtype(theta.dtype)
     wc = w.to(cdt)
-    a = _project(theta, wc[:dk]).contiguous()  # (B, N)
-    neg_b_sorted, perm = torch.sort(_project(phi, wc[dk:]).neg_(), dim=1)
+    a = _concat_project(theta.to(cdt), wc[:dk].contiguous())  # (B, N)
+    neg_b_sorted, perm = torch.sort(_concat_project(phi.to(cdt), wc[dk:].contiguous()).neg_(),
+                                    dim=1)
     y, P, k = ops.run_op(torch.ops.nonlocal_kernels.concat_sorted_fwd.default, a, neg_b_sorted,
                          perm, g.to(cdt))
     return y.to(theta.dtype), a, neg_b_sorted, perm, k, P
@@ -701,6 +710,29 @@ def _register_concat():
 _register_concat()
 
 
+def _register_concat_project():
+    """The fake and the refused autograd of the C++ nonlocal_kernels::concat_project (the
+    concat_sorted ops have theirs in ops.py)."""
+    name = f"{ops.NAMESPACE}::concat_project"
+    if ops._C is None or not ops._op_exists(name):
+        return
+
+    def fake(x, w):
+        return x.new_empty(x.shape[:2])
+
+    def refuse(ctx, *grads):
+        raise RuntimeError("nonlocal_kernels::concat_project is a CPU kernel inside backend "
+                           "'fast' and has no autograd of its own: differentiate through "
+                           "nonlocal_attention(..., mode='concatenation')")
+
+    torch.library.register_fake(ops.op(name), fake)
+    torch.library.register_autograd(ops.op(name), refuse,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+_register_concat_project()
+
+
 @ops.fast_apply
 class ConcatenationBackward(torch.autograd.Function):
     """``apply(dy, theta, phi, g, w, a, neg_b_sorted, perm, k, P)``: concat_bwd, whose own
@@ -778,6 +810,6 @@ BACKEND = register(Backend(
     double_backward=("dot_product",),
     ops=tuple(f"{FAST_NS}::{n}" for n in ("dot_product", "dot_product_bwd", "concat_fwd",
                                            "concat_bwd"))
-    + (() if ops._C is None else tuple(f"{ops.NAMESPACE}::concat_sorted_{n}"
-                                       for n in ("fwd", "bwd"))),
+    + (() if ops._C is None else tuple(f"{ops.NAMESPACE}::concat_{n}"
+                                       for n in ("sorted_fwd", "sorted_bwd", "project"))),
 ))
