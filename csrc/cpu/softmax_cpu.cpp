@@ -19,6 +19,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/cpu_isa.h"
 #include "cpu/softmax_cpu.h"
 #include "ops_common.h"
 
@@ -43,27 +44,15 @@ int64_t env_int(const char* name, int64_t fallback) {
   return x;
 }
 
+// The kernel build cpu::selected_isa() picks (NONLOCAL_KERNELS_CPU_ISA, the CPU's features).
 const KernelTable& kernels() {
-  std::string isa = env("NONLOCAL_KERNELS_CPU_ISA");
-  TORCH_CHECK(isa.empty() || isa == "avx512" || isa == "avx2" || isa == "default",
-              "NONLOCAL_KERNELS_CPU_ISA: expected 'avx512', 'avx2' or 'default', got '", isa,
-              "'");
+  switch (selected_isa()) {
 #if defined(__x86_64__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                               __builtin_cpu_supports("f16c");
-  static const bool has_avx512 =
-      has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if ((isa.empty() || isa == "avx512") && has_avx512) return kKernelsAVX512;
-  TORCH_CHECK(isa != "avx512",
-              "NONLOCAL_KERNELS_CPU_ISA=avx512: this CPU has no AVX-512 F/BW/VL/DQ");
-  if (isa != "default" && has_avx2) return kKernelsAVX2;
-  TORCH_CHECK(isa != "avx2", "NONLOCAL_KERNELS_CPU_ISA=avx2: this CPU has no AVX2/FMA/F16C");
-#else
-  TORCH_CHECK(isa.empty() || isa == "default", "NONLOCAL_KERNELS_CPU_ISA=", isa,
-              ": not an x86-64 build");
+    case Isa::kAVX512: return kKernelsAVX512;
+    case Isa::kAVX2: return kKernelsAVX2;
 #endif
-  return kKernelsDefault;
+    default: return kKernelsDefault;
+  }
 }
 
 DType to_dtype(const at::Tensor& t, const char* name) {
