@@ -153,8 +153,8 @@ def test_mmcv_blocks(dim, mode, sub_sample, norm):
 @pytest.mark.parametrize("mode", MODES)
 def test_no_n_by_m_tensor_in_a_converted_block(mode, monkeypatch):
     # x (2, 6, 3, 6, 5): N = 90 query positions; sub-sampled keys M = 3 * 3 * 2 = 18.
-    # The CPU kernel keeps the B x N x M scores for its backward below a memory budget
-    # (docs/cpu.md, "Kept scores"); with the budget at 0 nothing N x M may exist at all.
+    # Below a memory budget the CPU kernel runs its whole-batch path over a B x N x M buffer
+    # (docs/cpu.md, "Two paths"); with the budget at 0 nothing N x M may exist at all.
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_KEEP_MB", "0")
     block = nn.Sequential(mmcv_nl.NonLocal3d(6, sub_sample=True, mode=mode, zeros_init=False))
     nk.convert(randomize(block))

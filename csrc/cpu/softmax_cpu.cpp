@@ -222,7 +222,7 @@ void check_cpu_inputs(const at::Tensor& theta, const at::Tensor& phi, const at::
 std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, const at::Tensor& phi,
                                                    const at::Tensor& g, double scale) {
   check_cpu_inputs(theta, phi, g);
-  const int64_t B = theta.size(0), N = theta.size(1), M = phi.size(1), dv = g.size(2);
+  const int64_t B = theta.size(0), N = theta.size(1), dv = g.size(2);
   const auto opts_a = theta.options().dtype(lse_dtype(theta.scalar_type()));
   at::Tensor y = new_output({B, N, dv}, theta.options());
   at::Tensor lse = new_output({B, N}, opts_a);
