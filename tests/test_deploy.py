@@ -183,7 +183,11 @@ def test_compile_new_input_sizes_recompile_once(name):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_whole_model_one_op_per_block(name):
-    original, converted, shape, blocks = build(name)
+    # Non-local weights of std 0.1: with 0.3, mmaction2's I3D (five blocks, unscaled logits)
+    # gives outputs of about 1400 whose float32 error through the peaked softmaxes is a lottery
+    # draw by draw: seed 670644881 put ours at 3.8x PyTorch's (10x its usual ratio), on the
+    # tiled path already at commit 66ce985, and the same draw in eager mode too.
+    original, converted, shape, blocks = build(name, std=0.1)
     converted.eval()
     original.eval()
     x = torch.randn(shape)
