@@ -249,6 +249,28 @@ std::tuple<at::Tensor, at::Tensor> softmax_fwd_cpu(const at::Tensor& theta, cons
   return {y, lse};
 }
 
+// Per (batch, column) of g (B, M, dv; any dtype and strides), whether the column is all zero: D's
+// share of those columns is taken from y (softmax_kernel_impl.h, backward_impl), on both paths.
+// A column scan stops at its first nonzero entry: one read per column on real data, where a full
+// M x dv scan through a channels-first g's strides costs about 1% of a backward.
+at::Tensor zero_columns_of(const at::Tensor& g) {
+  const int64_t B = g.size(0), M = g.size(1), dv = g.size(2);
+  at::Tensor zero = at::empty({B, dv}, g.options().dtype(at::kBool));
+  bool* z = zero.mutable_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "zero_columns_of",
+                                  [&] {
+    const scalar_t* p = g.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < dv; ++c) {
+        const scalar_t* col = p + b * g.stride(0) + c * g.stride(2);
+        int64_t j = 0;
+        while (j < M && static_cast<double>(col[j * g.stride(1)]) == 0.0) ++j;
+        z[b * dv + c] = j == M;
+      }
+  });
+  return zero;
+}
+
 // The tiled backward (softmax_bwd, and softmax_keep_bwd without kept scores): recomputes S.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const at::Tensor& theta, const at::Tensor& phi, const at::Tensor& g,
@@ -296,6 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     plan.k = prepare_operand(phi, kt, k_hold);
     plan.v = prepare_operand(g, kt, v_hold);
   }
+  const at::Tensor zero_cols = zero_columns_of(g);
+  plan.zero_cols = zero_cols.const_data_ptr<bool>();
   plan.partial = theta.scalar_type() == at::kDouble
                      ? static_cast<void*>(call_arena.take<double>(partial_n))
                      : static_cast<void*>(call_arena.take<float>(partial_n));
@@ -339,24 +363,6 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   } else {
     at::bmm_out(out, a, b);
   }
-}
-
-// Per (batch, column) of g (B, M, dv; the compute type), whether the column is all zero. A column
-// scan stops at its first nonzero entry: one read per column on real data.
-template <typename T>
-at::Tensor zero_columns_of(const at::Tensor& g) {
-  const int64_t B = g.size(0), M = g.size(1), dv = g.size(2);
-  at::Tensor zero = at::zeros({B, dv}, g.options().dtype(at::kBool));
-  const T* p = g.const_data_ptr<T>();
-  bool* z = zero.mutable_data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < dv; ++c) {
-      const T* col = p + b * g.stride(0) + c * g.stride(2);
-      int64_t j = 0;
-      while (j < M && col[j * g.stride(1)] == T(0)) ++j;
-      z[b * dv + c] = j == M;
-    }
-  return zero;
 }
 
 // Rows of a (B, N, M) buffer per task of the row kernels: at least 16 K elements each.
@@ -415,8 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
   const at::Tensor gc = in_compute_type(g), dyc = in_compute_type(dy);
   // D's share of the columns where g is all zero, dy . y over them (see backward_impl in
   // softmax_kernel_impl.h: ops.softmax_grads passes lse's gradient as such a column).
-  const at::Tensor zero_cols = gc.scalar_type() == at::kDouble ? zero_columns_of<double>(gc)
-                                                               : zero_columns_of<float>(gc);
+  const at::Tensor zero_cols = zero_columns_of(g);
   at::Tensor extra;
   if (zero_cols.any().item<bool>())
     extra = (dy.to(at::kDouble) * y.to(at::kDouble) * zero_cols.unsqueeze(1)).sum(-1).contiguous();

@@ -62,6 +62,8 @@ struct CpuPlan {
   int64_t kt_bs, k_bs, v_bs, vt_bs;
   // Backward: (B, G, M, dk + dv) partial sums of the compute type; unused in the forward.
   void* partial;
+  // Backward: (B, dv), whether column c of g[b] is all zero (softmax_cpu.cpp, zero_columns_of).
+  const bool* zero_cols;
 };
 
 // Scratch memory owned by one thread and kept between calls (grow-only, trimmed past a size):

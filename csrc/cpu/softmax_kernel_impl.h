@@ -816,13 +816,11 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   const KeyOperand phi_t{plan.kt, plan.kt_bs, plan.k};  // S
   const KeyOperand phi{plan.kp, plan.k_bs, plan.k};      // dS phi
   const KeyOperand g_t{plan.vtp, plan.vt_bs, plan.v};    // dP
-  std::vector<char> g_nonzero;      // per column of g[b]: any nonzero entry
-  std::vector<int64_t> zero_cols;  // the all-zero columns of g[b]
+  std::vector<int64_t> zero_cols;  // the all-zero columns of g[b] (plan.zero_cols)
   int64_t zero_cols_batch = -1;
   const S* theta = static_cast<const S*>(p.theta);
   const S* dy = static_cast<const S*>(p.dy);
   const S* y = static_cast<const S*>(p.y);
-  const S* gin = static_cast<const S*>(p.g);
   const A* lse = static_cast<const A*>(p.lse);
   S* dtheta = static_cast<S*>(p.dtheta);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
@@ -831,19 +829,9 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
     if (b != zero_cols_batch) {
-      // Per column, stop at its first nonzero entry (random data: one read per column, where a
-      // full M x dv scan through a channels-first g's strides costs about 1% of the backward).
-      g_nonzero.assign(size_t(dv), 0);
-      const S* gb = gin + b * p.g_stride[0];
-      for (int64_t c = 0; c < dv; ++c)
-        for (int64_t j = 0; j < M; ++j)
-          if (static_cast<A>(gb[j * p.g_stride[1] + c * p.g_stride[2]]) != A(0)) {
-            g_nonzero[size_t(c)] = 1;
-            break;
-          }
       zero_cols.clear();
       for (int64_t c = 0; c < dv; ++c)
-        if (!g_nonzero[size_t(c)]) zero_cols.push_back(c);
+        if (plan.zero_cols[b * dv + c]) zero_cols.push_back(c);
       zero_cols_batch = b;
     }
     A* dkp = static_cast<A*>(plan.partial) + (b * G + grp) * M * (dk + dv);  // (M, dk)
