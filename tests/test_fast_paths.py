@@ -219,12 +219,18 @@ def test_concat_kernel_builds_match_oracle(isa, dtype, layout, B, N, M, dk, dv, 
 
 @pytest.mark.parametrize("isa", CONCAT_ISAS, ids=lambda v: v or "auto")
 def test_concat_kernel_builds_are_deterministic(isa, monkeypatch):
+    # Large enough that every loop of the kernels splits over 2 threads (concat_sorted.cpp,
+    # kParallelWork: 64 K elements per thread): the projections and their gradients (4200 rows,
+    # 300 columns), the gathers and prefix sums (10 tiles of 600 keys per batch), the output rows
+    # (2100 queries of 150 columns), the sweep (2 blocks per batch). The 2-thread result is also
+    # checked against the oracle.
     _compiled_concat()
     if isa is not None:
         monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
+    B, N, M, dk, dv = 2, 2100, 600, 300, 150
     theta, phi, g, w = [t.detach().requires_grad_() for t in
-                        make_inputs(2, 300, 80, 16, 150, with_concat=True)]
-    dy = torch.randn(2, 300, 150)
+                        make_inputs(B, N, M, dk, dv, with_concat=True)]
+    dy = torch.randn(B, N, dv)
     outs = []
     for threads in (1, 2, 1):
         with _threads(threads):
@@ -237,6 +243,8 @@ def test_concat_kernel_builds_are_deterministic(isa, monkeypatch):
     for run in outs[1:]:
         for a, b in zip(outs[0], run):
             assert torch.equal(a, b)
+    with _threads(2):
+        run_checks((theta.detach(), phi.detach(), g.detach(), w.detach()), "concatenation", None)
 
 
 @contextlib.contextmanager

@@ -33,9 +33,12 @@ namespace nonlocal_kernels::fast {
 namespace {
 
 // A loop runs on several threads only when each thread gets at least this many elements of
-// work: below it (I3D res3's ~1 ms loops) a thread hand-off costs more than it saves, and on a
-// shared machine a parallel region waits for a descheduled thread (milliseconds).
-constexpr int64_t kParallelWork = int64_t(1) << 20;
+// work (64 K, twice ATen's own grain): below it a thread hand-off costs more than it saves.
+// I3D res3's loops (0.2-0.8 M elements) split over 2 threads at this value; at 2^20 they ran on
+// one, 1.4x slower on a quiet 2-core machine (benchmarks/results/concat-threads-2026-12-01.md).
+// On a loaded machine a parallel region can wait for a descheduled thread, as ATen's and BLAS's
+// own regions do.
+constexpr int64_t kParallelWork = int64_t(1) << 16;
 
 // Grain (in loop iterations) for a loop whose iterations each touch `per_item` elements.
 inline int64_t grain_for(int64_t per_item, int64_t at_least = 1) {
@@ -67,9 +70,9 @@ ProjectArgs project_args(const at::Tensor& x, const at::Tensor& w) {
   return p;
 }
 
-// out[b, l] = x[b, l, :] . w (summed in double), x any strides. Rows are split over threads only
-// past kParallelWork elements per thread: I3D res3's projections (0.8 M and 0.2 M elements) run
-// on the calling thread, where torch.bmm's BLAS opened a parallel region for them.
+// out[b, l] = x[b, l, :] . w (summed in double), x any strides. Rows are split over threads
+// past kParallelWork elements per thread (a matrix-vector product: torch.bmm's BLAS would split
+// even the smallest one).
 at::Tensor concat_project_cpu(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 3 && w.dim() == 1 && w.size(0) == x.size(2) && w.is_contiguous() &&
                   x.scalar_type() == w.scalar_type() &&
