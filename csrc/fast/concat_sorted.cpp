@@ -35,7 +35,8 @@ namespace {
 // A loop runs on several threads only when each thread gets at least this many elements of
 // work (64 K, twice ATen's own grain): below it a thread hand-off costs more than it saves.
 // I3D res3's loops (0.2-0.8 M elements) split over 2 threads at this value; at 2^20 they ran on
-// one, 1.4x slower on a quiet 2-core machine (benchmarks/results/concat-threads-2026-12-01.md).
+// one, and the three ops took 1.56x as long on a quiet 2-core machine
+// (benchmarks/results/concat-threads-2026-12-01.md).
 // On a loaded machine a parallel region can wait for a descheduled thread, as ATen's and BLAS's
 // own regions do.
 constexpr int64_t kParallelWork = int64_t(1) << 16;
