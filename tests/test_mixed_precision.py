@@ -14,14 +14,16 @@ And the case where the naive path overflows: float16 scores past 65504. The naiv
 scores in float32 and stay finite and right.
 """
 
+import contextlib
 import copy
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import nonlocal_kernels as nk
-from nonlocal_kernels.testing import assert_all_ok, check_close
+from nonlocal_kernels.testing import assert_all_ok, check_close, max_abs_diff
 
 from peers import non_local_embedded_gaussian, randomize, slowfast_nonlocal_helper
 
@@ -49,16 +51,45 @@ def upstream(model, x):
     return torch.randn(shape, dtype=torch.float64, device=x.device)
 
 
-def checks(out, lp, ref64, skip=()):
+def checks(out, lp, ref64, skip=(), exact=None):
     """The tolerance rule on (y, grads) against (y, grads) of the dtype under test and of
     float64: y, dx, and all parameter gradients as one vector (one scale for every parameter,
     as tests/test_convert.py does: a gradient that is zero in exact arithmetic holds only
-    rounding of the rest), but the parameters whose indices are in ``skip``."""
+    rounding of the rest), but the parameters whose indices are in ``skip``. With ``exact``
+    (the same pipeline with exact attention, :func:`exact_attention`), each of the three is held
+    to whichever of ``lp`` and ``exact`` is further from float64 (see
+    assert_autocast_matches_reference_path)."""
+    runs = [r for r in (out, lp, ref64, exact) if r is not None]
     flat = [torch.cat([g.flatten().to(r[1][0].dtype) for i, g in enumerate(r[1][1:])
-                       if i not in skip]) for r in (out, lp, ref64)]
-    return [check_close(out[0], lp[0], ref64[0], name="y"),
-            check_close(out[1][0], lp[1][0], ref64[1][0], name="dx", grad=True),
-            check_close(flat[0], flat[1], flat[2], name="parameter grads", grad=True)]
+                       if i not in skip]) for r in runs]
+    rows = [("y", [r[0] for r in runs], False), ("dx", [r[1][0] for r in runs], True),
+            ("parameter grads", flat, True)]
+    result = []
+    for name, (o, ref_lp, r64, *ex), grad in rows:
+        if ex and max_abs_diff(ex[0], r64) > max_abs_diff(ref_lp, r64):
+            ref_lp = ex[0]
+        result.append(check_close(o, ref_lp, r64, name=name, grad=grad))
+    return result
+
+
+@contextlib.contextmanager
+def exact_attention():
+    """Every Non-local block of this library and every converted block computes its attention
+    in float64 with autocast off (backend='reference') and casts the result back: the
+    autocast pipeline (convolutions, norms) as it is, with the attention exact."""
+    attention = nk.modules.block_attention
+
+    def exact(theta, phi, g, **kw):
+        with torch.autocast(theta.device.type, enabled=False):
+            return attention(theta.double(), phi.double(), g.double(),
+                             **dict(kw, backend="reference")).to(theta.dtype)
+
+    convert = sys.modules["nonlocal_kernels.convert"]  # nk.convert is the function
+    nk.modules.block_attention = convert.block_attention = exact
+    try:
+        yield
+    finally:
+        nk.modules.block_attention = convert.block_attention = attention
 
 
 def on_reference(model: nn.Module) -> nn.Module:
@@ -78,20 +109,32 @@ def assert_autocast_matches_reference_path(original, converted, x, dtype, train=
     """converted under autocast(dtype) against on_reference(converted) under the same autocast,
     with the float64 original (no autocast) as the oracle, in training or eval mode. The
     gradients of the parameters named in ``skip_params`` (outside the Non-local blocks) are
-    left out."""
+    left out.
+
+    PyTorch's own error in the autocast dtype is taken as the larger of two pipelines': the
+    reference path, and the same pipeline with the attention exact (exact_attention). Either
+    is one draw of the rounding of the whole model, and the parameter gradients behind a
+    training-mode BatchNorm (the SlowFast block's conv_out) are sums that nearly cancel, so
+    that draw varies a lot: with the reference path alone, the local peers' bfloat16 model
+    failed at 8 of 130 seeds (0-129) with errors 3.5-7.7x the reference path's, and at all 8
+    the kernels' result had the error of the exact-attention pipeline (ratio 1.00: their
+    float32 attention rounds to the same bfloat16 values). Held to the larger of the two, no
+    seed fails, and a kernel that is less accurate than exact attention still does."""
     original.train(train)
     converted.train(train)
     dy = upstream(original, x)
     ref64 = fwd_bwd(copy.deepcopy(original).double(), x.double(), dy)
     lp = fwd_bwd(on_reference(converted), x.float(), dy, autocast=dtype)
     out = fwd_bwd(converted, x.float(), dy, autocast=dtype)
+    with exact_attention():
+        exact = fwd_bwd(converted, x.float(), dy, autocast=dtype)
     assert out[0].dtype == lp[0].dtype
     names = [n for n, _ in converted.named_parameters()]
     skip = {i for i, n in enumerate(names) if n in skip_params}
     blocks = [n for n, m in converted.named_modules()
               if isinstance(m, (nk.ConvertedNonLocal, nk.NonLocalBlock))]
     assert not [n for n in skip_params if any(n.startswith(b + ".") for b in blocks)]
-    assert_all_ok(checks(out, lp, ref64, skip))
+    assert_all_ok(checks(out, lp, ref64, skip, exact))
 
 
 def local_peers_model():
@@ -119,7 +162,7 @@ def test_autocast_converted_model_matches_its_reference_path(device, dtype):
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_float16_scores_past_65504_overflow_only_the_naive_path(device, monkeypatch):
+def test_float16_scores_past_65504_overflow_only_the_naive_path(device):
     # Scores theta_i . phi_j reach 1e5 and more, past float16's largest value (65504); the
     # scale 5e-6 brings the logits back to a few units. The naive path multiplies theta by
     # phi^T in float16 first (mmcv, AlexHex7 and backend='reference' alike): inf, then NaN.
@@ -143,13 +186,6 @@ def test_float16_scores_past_65504_overflow_only_the_naive_path(device, monkeypa
     # (autocast off) and cast back. The convolutions' float16 rounding then costs both the
     # same, and what is left to compare is the attention (seed 18 of the conftest: dx off by
     # 8% of its largest value in both, from the convolutions alone).
-    attention = nk.modules.block_attention
-
-    def exact(theta, phi, g, **kw):
-        with torch.autocast(device, enabled=False):
-            return attention(theta.double(), phi.double(), g.double(),
-                             **dict(kw, backend="reference")).to(theta.dtype)
-
-    monkeypatch.setattr(nk.modules, "block_attention", exact)
-    lp = fwd_bwd(fused, x.float(), dy, autocast=torch.float16)
+    with exact_attention():
+        lp = fwd_bwd(fused, x.float(), dy, autocast=torch.float16)
     assert_all_ok(checks((z, grads), lp, ref64))
