@@ -305,6 +305,20 @@ def test_whole_batch_path_matches_the_oracle(dtype, layout, monkeypatch):
     assert_all_ok([check_close(y, ylp, y64, name="y"), check_close(lse, lselp, lse64, name="lse")])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("M,dv", [(37, 525), (7, 512), (32, 576), (600, 520)])
+def test_whole_batch_path_dg_of_a_wide_g(dtype, layout, M, dv, monkeypatch):
+    """dv >= 512: a channels-first float32/float64 dg is the product P^T dy transposed into
+    place (softmax_cpu.cpp, dg_into). Ragged M and dv (not multiples of the 16 x 16 transpose
+    blocks or the 64-column tasks), whole blocks, and (M = 600) tasks split over threads."""
+    use_path(monkeypatch, "whole")
+    theta, phi, g = make_inputs(2, 45, M, 19, dv, dtype=dtype, layout=layout)
+    with registry.record_paths() as taken:
+        assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=0.37))
+    assert taken and set(taken) == {("softmax", "scores kept")}
+
+
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48)])
 def test_both_paths_agree_within_the_rule_and_with_each_other(shape, monkeypatch):
     """The two paths are different algorithms (batched products against tiles), so they round

@@ -365,6 +365,40 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
+// dg = P^T dy (P: the kept (B, N, M) probabilities, dy: (B, N, dv)) into dg, laid out like g.
+// A channels-first dg of the compute type with dv >= 512 takes the product into a contiguous
+// (B, M, dv) buffer first and is transposed into place by the pack kernel (ATen's vector
+// transposes): at 2 threads MKL's P^T dy with a contiguous output took 2-15% less time than
+// dg^T = dy^T P written in dg's layout at dv = 512-2048, more than the transpose costs; at
+// dv = 256 0-13%, too little to pay for the transpose everywhere
+// (benchmarks/results/dk-dv-sweep-2026-12-01.md, section 3). Any other dg: bmm_into.
+void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, const KernelTable& kt) {
+  const int64_t B = dg.size(0), M = dg.size(1), dv = dg.size(2);
+  const bool channels_first = !dg.is_contiguous() && dg.transpose(1, 2).is_contiguous();
+  if (!channels_first || dg.scalar_type() != P.scalar_type() || dv < 512) {
+    bmm_into(dg, P.transpose(1, 2), dy);
+    return;
+  }
+  const at::Tensor prod = at::bmm(P.transpose(1, 2), dy);  // (B, M, dv) contiguous
+  TORCH_INTERNAL_ASSERT(prod.is_contiguous());
+  const DType dt = to_dtype(prod, "dg");
+  const char* src = static_cast<const char*>(prod.const_data_ptr());
+  char* dst = static_cast<char*>(dg.mutable_data_ptr());
+  const int64_t esize = prod.element_size();
+  // Tasks: (batch, 64 columns of prod = 64 rows of dg^T); at least 32 K elements per task.
+  constexpr int64_t kRows = 64;
+  const int64_t chunks = (dv + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (kRows * M));
+  at::parallel_for(0, B * chunks, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, r0 = (t % chunks) * kRows, rn = std::min(kRows, dv - r0);
+      // dg^T[b](r, j) = prod[b](j, r): rows r0 .. r0 + rn of the (dv, M) matrix.
+      kt.pack(dt, src + (b * M * dv + r0) * esize, M * dv, 1, dv, rn, M,
+              dst + (b * dv * M + r0 * M) * esize, 0, 1);
+    }
+  });
+}
+
 // Rows of a (B, N, M) buffer per task of the row kernels: at least 16 K elements each.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, (int64_t(1) << 14) / M); }
 
@@ -436,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
   });
   bmm_into(dtheta, dS, phc);
   bmm_into(dphi, dS.transpose(1, 2), thc);
-  bmm_into(dg, scores.transpose(1, 2), dyc);
+  dg_into(dg, scores, dyc, kt);
   return {dtheta, dphi, dg};
 }
 
