@@ -351,13 +351,17 @@ at::Tensor in_compute_type(const at::Tensor& t) {
   return t.scalar_type() == ct ? t : t.to(ct);
 }
 
+// A (B, L, d) tensor laid out channels-first: its transpose (B, d, L) is contiguous.
+bool channels_first(const at::Tensor& t) {
+  return !t.is_contiguous() && t.transpose(1, 2).is_contiguous();
+}
+
 // out = a @ b (batched), written into `out` (any dtype and strides) directly when the dtypes
-// agree; a channels-first `out` (its transpose contiguous) as out^T = b^T a^T, which BLAS writes
-// in place.
+// agree; a channels-first `out` as out^T = b^T a^T, which BLAS writes in place.
 void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.scalar_type() != a.scalar_type()) {
     out.copy_(at::bmm(a, b));
-  } else if (!out.is_contiguous() && out.transpose(1, 2).is_contiguous()) {
+  } else if (channels_first(out)) {
     at::Tensor out_t = out.transpose(1, 2);
     at::bmm_out(out_t, b.transpose(1, 2), a.transpose(1, 2));
   } else {
@@ -374,8 +378,7 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 // (benchmarks/results/dk-dv-sweep-2026-12-01.md, section 3). Any other dg: bmm_into.
 void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, const KernelTable& kt) {
   const int64_t B = dg.size(0), M = dg.size(1), dv = dg.size(2);
-  const bool channels_first = !dg.is_contiguous() && dg.transpose(1, 2).is_contiguous();
-  if (!channels_first || dg.scalar_type() != P.scalar_type() || dv < 512) {
+  if (!channels_first(dg) || dg.scalar_type() != P.scalar_type() || dv < 512) {
     bmm_into(dg, P.transpose(1, 2), dy);
     return;
   }

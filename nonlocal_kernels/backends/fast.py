@@ -46,8 +46,9 @@ concatenation, y_i = (1/M) sum_j ReLU(a_i + b_j) g_j with a = theta·w_theta, b 
   replace these op chains: forward = prefix sums (in float64) + binary search + output rows;
   backward = da + per-k bins + suffix sums (in float64) + dg + db + the projections' gradients
   (dtheta, dphi, dw); the projections a and b are a third C++ op (concat_project: split over
-  threads past 2^16 elements per thread, as the kernels' other loops), the sort stays a PyTorch op. The loops are built per instruction set (AVX-512, AVX2,
-  portable; NONLOCAL_KERNELS_CPU_ISA as for the CPU softmax kernels). On the 2-core development
+  threads past 2^16 elements per thread, as the kernels' other loops), the sort stays a
+  PyTorch op. The loops are built per instruction set (AVX-512, AVX2, portable;
+  NONLOCAL_KERNELS_CPU_ISA as for the CPU softmax kernels). On the 2-core development
   VM, I3D res3 forward+backward takes 4.4-9.0 ms with them and 7.0-11.5 ms without, on one
   thread (section 1 of benchmarks/results/fast-paths-2026-11-24.md).
   :func:`use_compiled_concat` switches them off (the pure-PyTorch version above then runs).
