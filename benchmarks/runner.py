@@ -177,7 +177,8 @@ def time_interleaved(spec: dict) -> dict:
     repeats (timed rounds), warmup (untimed rounds) and budget_s (seconds of timed rounds per
     method and step; at least one round runs). A round calls every method of the step once, in
     an order rotated by one each round. Returns {method: {"<step>_ms": float, "<step>_rounds":
-    int, "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
+    int, "<step>_round_ms": every call's milliseconds in call order, warm-up rounds first,
+    "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
 
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
     sdpa and ours alike) are 15-50% slower than the later ones
@@ -200,6 +201,7 @@ def time_interleaved(spec: dict) -> dict:
         runs = {m: problem.step(fns[m], step) for m in names
                 if m in fns and "status" not in out[m]}
         times = {m: [] for m in runs}
+        every = {m: [] for m in runs}
         budget_s = spec["budget_s"] * max(1, len(runs))
         start = None
         for r in range(warmup + max(1, spec["repeats"])):
@@ -216,6 +218,7 @@ def time_interleaved(spec: dict) -> dict:
                     out[m]["status"] = f"{step} timing: " + _error_status(exc, device)
                     del runs[m]
                     continue
+                every[m].append(round(t, 4))
                 if start is not None:
                     times[m].append(t)
             if start is not None and time.perf_counter() - start > budget_s:
@@ -224,6 +227,7 @@ def time_interleaved(spec: dict) -> dict:
             if ts and "status" not in out[m]:
                 out[m][f"{step}_ms"] = statistics.median(ts)
                 out[m][f"{step}_rounds"] = len(ts)
+                out[m][f"{step}_round_ms"] = every[m]
     return out
 
 
