@@ -35,8 +35,10 @@ HAS_AVX512 = all(f in _CPUINFO.split() for f in ("avx512f", "avx512bw", "avx512v
 
 # (GEMM path, kernel build) variants; the first is what users get on this machine (the AVX-512
 # build where the CPU has it, else AVX2, else the portable one), then the narrower builds.
-VARIANTS = ([("vec", None), ("blas", None)] + ([("vec", "avx2")] if HAS_AVX512 else []) +
-            [("vec", "default"), ("blas", "default")])
+# "blas-sgemm": the BLAS path without MKL's packed key tiles (NONLOCAL_KERNELS_CPU_MKL_PACK=0),
+# what a torch without MKL runs; "blas" packs them where torch links MKL.
+VARIANTS = ([("vec", None), ("blas", None), ("blas-sgemm", None)] +
+            ([("vec", "avx2")] if HAS_AVX512 else []) + [("vec", "default"), ("blas", "default")])
 
 
 def use_path(monkeypatch, path):
@@ -53,6 +55,9 @@ def variant(request, monkeypatch):
         use_path(monkeypatch, "whole")
         return request.param
     use_path(monkeypatch, "tiled")
+    if gemm == "blas-sgemm":
+        gemm = "blas"
+        monkeypatch.setenv("NONLOCAL_KERNELS_CPU_MKL_PACK", "0")
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_GEMM", gemm)
     if isa is not None:
         monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", isa)
@@ -234,6 +239,10 @@ def test_bad_tuning_environment_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match="NONLOCAL_KERNELS_CPU_GEMM"):
         nonlocal_attention(theta, phi, g, backend="cpu")
     monkeypatch.delenv("NONLOCAL_KERNELS_CPU_GEMM")
+    monkeypatch.setenv("NONLOCAL_KERNELS_CPU_MKL_PACK", "yes")
+    with pytest.raises(RuntimeError, match="NONLOCAL_KERNELS_CPU_MKL_PACK"):
+        nonlocal_attention(theta, phi, g, backend="cpu")
+    monkeypatch.delenv("NONLOCAL_KERNELS_CPU_MKL_PACK")
     monkeypatch.setenv("NONLOCAL_KERNELS_CPU_ISA", "sse")
     with pytest.raises(RuntimeError, match="expected 'avx512', 'avx2' or 'default'"):
         nonlocal_attention(theta, phi, g, backend="cpu")

@@ -32,6 +32,14 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS, torch's MKL exports it): a B operand packed once, multiplied many
+// times. Weak: null without MKL. Enum values as mkl_cblas.h defines them.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace nonlocal_kernels::cpu {
@@ -56,6 +64,13 @@ struct CpuPlan {
   // vtp below); false: BLAS sgemm_/dgemm_ on tiles of phi/g read through k and v.
   bool packed;
   MatView k, v;         // BLAS path: phi and g (in place, or a contiguous copy)
+  // BLAS path with MKL's packed GEMM (float compute; null otherwise): the key-tile B operands,
+  // packed once per call, of the products that every query tile repeats. Tile j of batch b is
+  // at index b * ceil(M / BN) + j, *_tile floats apart: phi_j^T (dk x bn; S, fwd+bwd), g_j
+  // (bn x dv; P g, fwd), g_j^T (dv x bn; dP, bwd) and phi_j (bn x dk; dS phi, bwd). These
+  // products run BM rows: a short last query tile is padded with zero rows.
+  const float *mkl_kt, *mkl_v, *mkl_vt, *mkl_k;
+  int64_t mkl_kt_tile, mkl_v_tile, mkl_vt_tile, mkl_k_tile;
   // Packed path: B-panels per batch (compute type) of scale * phi^T (dk x M; fwd+bwd), phi
   // (M x dk; bwd), g (M x dv; fwd) and g^T (dv x M; bwd); *_bs = elements per batch.
   const void *kt, *kp, *vp, *vtp;

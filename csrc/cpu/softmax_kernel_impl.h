@@ -699,6 +699,31 @@ void times_query_tile(Gemm<A>& gemm, const View<A>& x, const A* qp, const View<A
   }
 }
 
+// The BLAS path with MKL's packed key-tile operands (CpuPlan::mkl_*): float compute only.
+template <typename A>
+bool mkl_packed(const CpuPlan& plan) {
+  if constexpr (std::is_same_v<A, float>) {
+    return !plan.packed && plan.mkl_kt != nullptr;
+  } else {
+    return false;
+  }
+}
+
+// out (m x n, ldo) = (or += when accumulate) X (m x k, row-major, ldx) times the packed B
+// operand of key tile j0 of batch b (one of CpuPlan::mkl_*: tiles `per_tile` floats apart).
+inline void mkl_times_packed(int64_t m, int64_t n, int64_t k, const float* x, int64_t ldx,
+                             const float* packed, int64_t per_tile, int64_t b, int64_t j0,
+                             const CpuPlan& plan, int64_t M, bool accumulate, float* out,
+                             int64_t ldo) {
+  const int64_t nkt = (M + plan.BN - 1) / plan.BN;
+  const float* bp = packed + (b * nkt + j0 / plan.BN) * per_tile;
+  cblas_sgemm_compute(101, 111, 151, int(m), int(n), int(k), x, int(ldx), bp, 0,
+                      accumulate ? 1.0f : 0.0f, out, int(ldo));
+}
+template <typename A>
+void mkl_times_packed(int64_t, int64_t, int64_t, const A*, int64_t, const float*, int64_t,
+                      int64_t, int64_t, const CpuPlan&, int64_t, bool, A*, int64_t) {}
+
 template <typename S, bool kPacked>
 void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
   using A = typename Compute<S>::type;
@@ -721,6 +746,7 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
   S* y = static_cast<S*>(p.y);
   A* lse = static_cast<A*>(p.lse);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
+  const bool mkl = mkl_packed<A>(plan);
 
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / plan.n_qtiles, i0 = (task % plan.n_qtiles) * BM;
@@ -735,15 +761,26 @@ void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue
     // acc is overwritten by the first key tile's P g_j (no rescale before it), then added to.
     std::fill(mrow, mrow + bm, -std::numeric_limits<A>::infinity());
     std::fill(lrow, lrow + bm, 0.0);
+    if (mkl && bm < BM) std::fill(q + bm * dk, q + BM * dk, A(0));  // rows past N: zero scores
     for (int64_t j0 = 0; j0 < M; j0 += BN) {
       const int64_t bn = std::min(BN, M - j0);
       // S = scale theta phi_j^T
-      times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+      if (mkl) {
+        mkl_times_packed(BM, bn, dk, q, dk, plan.mkl_kt, plan.mkl_kt_tile, b, j0, plan, M, false,
+                         s, LS);
+      } else {
+        times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+      }
       for (int64_t r = 0; r < bm; ++r)
         online_softmax_row(s + r * LS, bn, mrow[r], lrow[r], acc + r * dv, dv);
       // acc += P g_j
-      times_key_tile<A, kPacked>(gemm, View<A>{s, LS, 1}, g, b, j0, bm, bn, M, dv, j0 > 0, acc,
-                                 dv, edge);
+      if (mkl) {
+        mkl_times_packed(BM, dv, bn, s, LS, plan.mkl_v, plan.mkl_v_tile, b, j0, plan, M, j0 > 0,
+                         acc, dv);
+      } else {
+        times_key_tile<A, kPacked>(gemm, View<A>{s, LS, 1}, g, b, j0, bm, bn, M, dv, j0 > 0,
+                                   acc, dv, edge);
+      }
     }
     for (int64_t r = 0; r < bm; ++r) {
       const A inv = static_cast<A>(1.0 / lrow[r]);
@@ -825,6 +862,7 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
   S* dtheta = static_cast<S*>(p.dtheta);
   const int64_t ts1 = p.theta_stride[1], ts2 = p.theta_stride[2];
   const int64_t ds1 = p.dy_stride[1], ds2 = p.dy_stride[2];
+  const bool mkl = mkl_packed<A>(plan);
 
   for (int64_t task; tasks.next(task);) {
     const int64_t b = task / G, grp = task % G;
@@ -855,6 +893,10 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
       } else {
         load_tile<S, A>(tsrc, ts1, ts2, bm, dk, q, dk, scale);
         load_tile<S, A>(dysrc, ds1, ds2, bm, dv, dyt, dv, A(1));
+        if (mkl && bm < BM) {  // rows past N: zero S, dP and dS rows (as in the forward)
+          std::fill(q + bm * dk, q + BM * dk, A(0));
+          std::fill(dyt + bm * dv, dyt + BM * dv, A(0));
+        }
       }
       for (int64_t r = 0; r < bm; ++r) {
         L[r] = lse[b * p.lse_stride[0] + (i0 + r) * p.lse_stride[1]];
@@ -868,13 +910,23 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
         A* dp = dp_all + (j0 / BN) * BM * LS;
         const View<A> pt{s, 1, LS};  // P^T
         // P = exp(S - lse), S = scale theta phi_j^T recomputed bit for bit as in the forward
-        times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+        if (mkl) {
+          mkl_times_packed(BM, bn, dk, q, dk, plan.mkl_kt, plan.mkl_kt_tile, b, j0, plan, M,
+                           false, s, LS);
+        } else {
+          times_key_tile_t<A, kPacked>(gemm, qv, phi_t, b, j0, bm, bn, dk, s, LS, edge);
+        }
         for (int64_t r = 0; r < bm; ++r) exp_sub_sum(s + r * LS, s + r * LS, bn, L[r]);
         // dg_j += P^T dy
         times_query_tile<A, kPacked>(gemm, pt, dybp, dyv, bn, bm, dv, acc_kv, dvp + j0 * dv, dv,
                                      edge);
         // dP = dy g_j^T
-        times_key_tile_t<A, kPacked>(gemm, dyv, g_t, b, j0, bm, bn, dv, dp, LS, edge);
+        if (mkl) {
+          mkl_times_packed(BM, bn, dv, dyt, dv, plan.mkl_vt, plan.mkl_vt_tile, b, j0, plan, M,
+                           false, dp, LS);
+        } else {
+          times_key_tile_t<A, kPacked>(gemm, dyv, g_t, b, j0, bm, bn, dv, dp, LS, edge);
+        }
         for (int64_t r = 0; r < bm; ++r) {  // key tiles in order: deterministic
           double dot, sum;
           dot_sum_double(s + r * LS, dp + r * LS, bn, dot, sum);
@@ -905,8 +957,13 @@ void backward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueu
           softmax_grad_row(s + r * LS, dp + r * LS, bn, D[r], Pinv[r]);
         times_query_tile<A, kPacked>(gemm, dst, qbp, qv, bn, bm, dk, acc_kv, dkp + j0 * dk, dk,
                                      edge);
-        times_key_tile<A, kPacked>(gemm, ds, phi, b, j0, bm, bn, M, dk, jt < n_ktiles - 1, dq,
-                                   LQ, edge);
+        if (mkl) {
+          mkl_times_packed(BM, dk, bn, dp, LS, plan.mkl_k, plan.mkl_k_tile, b, j0, plan, M,
+                           jt < n_ktiles - 1, dq, LQ);
+        } else {
+          times_key_tile<A, kPacked>(gemm, ds, phi, b, j0, bm, bn, M, dk, jt < n_ktiles - 1, dq,
+                                     LQ, edge);
+        }
       }
       store_tile<S, A>(dq, LQ, bm, dk, dtheta + b * p.dtheta_stride[0] + i0 * p.dtheta_stride[1],
                        p.dtheta_stride[1], p.dtheta_stride[2], scale);
