@@ -118,6 +118,9 @@ def parse_args(argv=None):
                    "round calls every method once")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds per step before the "
                    "timed ones")
+    p.add_argument("--settle", type=int, default=1, help="untimed calls of a method right "
+                   "before each of its timed calls (the allocator then holds that method's own "
+                   "buffers, as in a loop of it alone; 0: a timed call follows another method's)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per step "
                    "and method; stops repeating early past it")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per CPU case process")
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
             spec = dict(common, methods=sorted({m for ms in timed.values() for m in ms},
                                                key=methods.index),
                         steps=timed, repeats=args.repeats, warmup=args.warmup,
-                        budget_s=args.budget)
+                        settle=args.settle, budget_s=args.budget)
             res = (time_interleaved(spec) if device.type == "cuda" else
                    measure_in_subprocess(spec, args.timeout * len(methods), args.mem_limit_gb))
             for m in spec["methods"]:
@@ -211,8 +214,9 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"mode `{args.mode}`, dtype {dtype}, device {device.type}, {stamp}\n\n"
               f"Machine: {machine}\n\nTimes are medians over rounds that call every method "
-              f"once on the same inputs (order rotated each round), after {args.warmup} warm-up "
-              f"rounds; peak memory is the "
+              f"once on the same inputs (order rotated each round; each timed call right "
+              f"after {args.settle} untimed call(s) of the same method), after {args.warmup} "
+              f"warm-up rounds; peak memory is the "
               f"growth over the inputs (CPU: peak RSS of a fresh process per case; CUDA: "
               f"max_memory_allocated). TFLOP/s count 2·N·M·(dk+dv) per batch forward, 3.5x "
               f"that forward+backward.\n")

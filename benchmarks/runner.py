@@ -174,11 +174,19 @@ def time_interleaved(spec: dict) -> dict:
     """Median milliseconds of each method's steps, timed side by side on the same inputs.
 
     spec: case, mode, dtype, device, methods, steps ({"fwd" or "fwd_bwd": [methods to time]}),
-    repeats (timed rounds), warmup (untimed rounds) and budget_s (seconds of timed rounds per
-    method and step; at least one round runs). A round calls every method of the step once, in
-    an order rotated by one each round. Returns {method: {"<step>_ms": float, "<step>_rounds":
+    repeats (timed rounds), warmup (untimed rounds), settle (untimed calls of a method right
+    before each of its timed calls, default 0) and budget_s (seconds of timed rounds per method
+    and step; at least one round runs). A round calls every method of the step once (after its
+    settle calls), in an order rotated by one each round. Returns {method: {"<step>_ms": float, "<step>_rounds":
     int, "<step>_round_ms": every call's milliseconds in call order, warm-up rounds first,
     "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
+
+    settle matters on CPU: without it a call that follows another method's call finds the
+    allocator holding that method's buffers (glibc returns large freed blocks to the OS), so
+    its own come back fresh, at a page fault and a page clear per 4 KiB. At (2, 784, 196, 256,
+    1024) the second call of every round took 1.0 ms (cpu) and 1.9 ms (naive) longer than
+    the first, out of 3-4 ms, and with half the rounds in each mode the medians moved by up to
+    15% between runs (benchmarks/results/cpu-mkl-pack-2026-12-01.md, section 3).
 
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
     sdpa and ours alike) are 15-50% slower than the later ones
@@ -197,6 +205,7 @@ def time_interleaved(spec: dict) -> dict:
     if fns:
         problem.allocate()
     warmup = spec.get("warmup", 3)
+    settle = spec.get("settle", 0)
     for step, names in spec["steps"].items():
         runs = {m: problem.step(fns[m], step) for m in names
                 if m in fns and "status" not in out[m]}
@@ -213,6 +222,8 @@ def time_interleaved(spec: dict) -> dict:
             k = r % len(order)
             for m in order[k:] + order[:k]:
                 try:
+                    for _ in range(settle):
+                        runs[m]()
                     t = _timed_call(runs[m], device)
                 except Exception as exc:
                     out[m]["status"] = f"{step} timing: " + _error_status(exc, device)

@@ -93,3 +93,30 @@ def test_interleaved_timing_reports_a_failing_method_and_times_the_others(monkey
     for m in ("naive", "torch_sdpa"):
         for step in ("fwd", "fwd_bwd"):
             assert res[m][f"{step}_ms"] > 0 and res[m][f"{step}_rounds"] == 4
+
+
+def test_interleaved_timing_settles_each_method_before_its_timed_calls(monkeypatch):
+    """settle = 2: every timed call of a method comes right after two untimed calls of the same
+    method (the call sequence shows it); the per-call times cover the timed calls only."""
+    from benchmarks import baselines
+    from benchmarks.runner import time_interleaved
+
+    sequence = []
+
+    def counted(name):
+        def run(theta, phi, g, w, mode, scale):
+            if theta.shape[1] != 16:  # not the priming call
+                sequence.append(name)
+            return theta @ phi.transpose(1, 2) @ g
+        return run
+
+    for name in ("first", "second"):
+        monkeypatch.setitem(baselines.BASELINES, name, (counted(name), None, ("cpu",), name))
+    spec = {"case": [1, 40, 24, 8, 8], "mode": "embedded_gaussian", "dtype": "float32",
+            "device": "cpu", "methods": ["first", "second"], "steps": {"fwd": ["first", "second"]},
+            "repeats": 3, "warmup": 1, "settle": 2, "budget_s": 10.0}
+    res = time_interleaved(spec)
+    rounds = [sequence[i:i + 6] for i in range(0, len(sequence), 6)]
+    assert rounds == [["first"] * 3 + ["second"] * 3, ["second"] * 3 + ["first"] * 3] * 2
+    for m in ("first", "second"):
+        assert res[m]["fwd_rounds"] == 3 and len(res[m]["fwd_round_ms"]) == 4
