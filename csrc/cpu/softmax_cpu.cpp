@@ -175,8 +175,6 @@ bool use_mkl_pack(const at::Tensor& theta, const at::Tensor& phi, const at::Tens
   return leading(plan.k, phi.size(1), phi.size(2)) && leading(plan.v, g.size(1), g.size(2));
 }
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
-
 // Packs, per batch and key tile of BN rows, the B operand (k x bn) of a product with key tile j
 // of m (M x d, a BLAS-path MatView): phi_j^T (transposed = true, k = d) or g_j (transposed =
 // false, k = bn). Returns the packed tiles (holder keeps them) and sets the floats per tile.
@@ -184,26 +182,22 @@ const float* pack_key_tiles(const MatView& m, int64_t B, int64_t M, int64_t d, b
                             const CpuPlan& plan, at::Tensor& holder, int64_t& per_tile) {
   const int64_t BM = plan.BM, BN = plan.BN, nkt = (M + BN - 1) / BN;
   const int kdim = int(transposed ? d : BN), ndim = int(transposed ? BN : d);
-  per_tile = int64_t((cblas_sgemm_pack_get_size(kBMatrix, int(BM), ndim, kdim) + 3) / 4);
+  per_tile = int64_t((cblas_sgemm_pack_get_size(kCblasBMatrix, int(BM), ndim, kdim) + 3) / 4);
   holder = at::empty({B * nkt * per_tile}, at::TensorOptions().dtype(at::kFloat));
   float* dst = holder.mutable_data_ptr<float>();
   const float* src = static_cast<const float*>(m.ptr);
+  // Row-major bn x d tiles (ld rs), else transposes of row-major d x bn ones (ld cs); one of
+  // the two holds (use_mkl_pack).
+  const bool row_major = m.cs == 1 && m.rs >= d;
+  const int ld = int(row_major ? m.rs : m.cs);
+  const int trans = (row_major == transposed) ? kCblasTrans : kCblasNoTrans;
   at::parallel_for(0, B * nkt, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nkt, j0 = (i % nkt) * BN, bn = std::min(BN, M - j0);
       const float* t = src + b * m.bs + j0 * m.rs;  // key tile j: bn x d, strides (rs, cs)
-      // Row-major bn x d (ld rs), else the transpose of a row-major d x bn (ld cs); one of the
-      // two holds (use_mkl_pack).
-      const bool row_major = m.cs == 1 && m.rs >= d;
-      const int ld = int(row_major ? m.rs : m.cs);
-      const int trans = (row_major == transposed) ? kTrans : kNoTrans;
-      if (transposed) {
-        cblas_sgemm_pack(kRowMajor, kBMatrix, trans, int(BM), int(bn), int(d), 1.0f, t, ld,
-                         dst + i * per_tile);
-      } else {
-        cblas_sgemm_pack(kRowMajor, kBMatrix, trans, int(BM), int(d), int(bn), 1.0f, t, ld,
-                         dst + i * per_tile);
-      }
+      cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans, int(BM),
+                       int(transposed ? bn : d), int(transposed ? d : bn), 1.0f, t, ld,
+                       dst + i * per_tile);
     }
   });
   return dst;

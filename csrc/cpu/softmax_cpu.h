@@ -33,7 +33,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 // MKL's packed GEMM (CBLAS, torch's MKL exports it): a B operand packed once, multiplied many
-// times. Weak: null without MKL. Enum values as mkl_cblas.h defines them.
+// times. Weak: null without MKL. The int arguments take mkl_cblas.h's enum values (kCblas*).
 size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
 void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
                       const float* src, int ld, float* dest) __attribute__((weak));
@@ -43,6 +43,10 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 }
 
 namespace nonlocal_kernels::cpu {
+
+// CBLAS enum values (mkl_cblas.h) for the packed-GEMM calls above.
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
+              kCblasBMatrix = 162;
 
 enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 

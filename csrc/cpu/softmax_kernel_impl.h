@@ -717,12 +717,15 @@ inline void mkl_times_packed(int64_t m, int64_t n, int64_t k, const float* x, in
                              int64_t ldo) {
   const int64_t nkt = (M + plan.BN - 1) / plan.BN;
   const float* bp = packed + (b * nkt + j0 / plan.BN) * per_tile;
-  cblas_sgemm_compute(101, 111, 151, int(m), int(n), int(k), x, int(ldx), bp, 0,
-                      accumulate ? 1.0f : 0.0f, out, int(ldo));
+  cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, int(m), int(n), int(k), x,
+                      int(ldx), bp, 0, accumulate ? 1.0f : 0.0f, out, int(ldo));
 }
+// Compiled for the float64 kernels, never called there (mkl_packed<double> is false).
 template <typename A>
 void mkl_times_packed(int64_t, int64_t, int64_t, const A*, int64_t, const float*, int64_t,
-                      int64_t, int64_t, const CpuPlan&, int64_t, bool, A*, int64_t) {}
+                      int64_t, int64_t, const CpuPlan&, int64_t, bool, A*, int64_t) {
+  std::abort();
+}
 
 template <typename S, bool kPacked>
 void forward_impl(const NonlocalSoftmaxParams& p, const CpuPlan& plan, TaskQueue& tasks) {
