@@ -443,13 +443,20 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 // dg^T = dy^T P written in dg's layout at dv = 512-2048, more than the transpose costs; at
 // dv = 256 0-13%, too little to pay for the transpose everywhere
 // (benchmarks/results/dk-dv-sweep-2026-12-01.md, section 3). Any other dg: bmm_into.
-void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, const KernelTable& kt) {
+bool dg_via_product(const at::Tensor& dg, const at::Tensor& P) {
+  return channels_first(dg) && dg.scalar_type() == P.scalar_type() && dg.size(2) >= 512;
+}
+
+// dg_into's (B, M, dv) product buffer (`prod`: call arena memory when dg_via_product, else
+// undefined).
+void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, at::Tensor& prod,
+             const KernelTable& kt) {
   const int64_t B = dg.size(0), M = dg.size(1), dv = dg.size(2);
-  if (!channels_first(dg) || dg.scalar_type() != P.scalar_type() || dv < 512) {
+  if (!dg_via_product(dg, P)) {
     bmm_into(dg, P.transpose(1, 2), dy);
     return;
   }
-  const at::Tensor prod = at::bmm(P.transpose(1, 2), dy);  // (B, M, dv) contiguous
+  at::bmm_out(prod, P.transpose(1, 2), dy);
   TORCH_INTERNAL_ASSERT(prod.is_contiguous());
   const DType dt = to_dtype(prod, "dg");
   const char* src = static_cast<const char*>(prod.const_data_ptr());
@@ -472,6 +479,21 @@ void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, const Ke
 // Rows of a (B, N, M) buffer per task of the row kernels: at least 16 K elements each.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, (int64_t(1) << 14) / M); }
 
+// Bytes of call arena a contiguous `sizes` tensor of the compute type `ct` takes.
+size_t arena_bytes(at::IntArrayRef sizes, at::ScalarType ct) {
+  const int64_t n = c10::multiply_integers(sizes);
+  return ct == at::kDouble ? Arena::bytes_for<double>(n) : Arena::bytes_for<float>(n);
+}
+
+// A contiguous `sizes` tensor of the compute type `ct` over call arena memory (after the
+// caller's call_arena.reserve): the whole-batch path's temporaries, valid until the call ends.
+at::Tensor arena_tensor(at::IntArrayRef sizes, at::ScalarType ct) {
+  const int64_t n = c10::multiply_integers(sizes);
+  void* p = ct == at::kDouble ? static_cast<void*>(call_arena.take<double>(n))
+                              : static_cast<void*>(call_arena.take<float>(n));
+  return at::from_blob(p, sizes, at::TensorOptions().dtype(ct));
+}
+
 // y, lse and P = softmax(scale * theta phi^T) (B, N, M, the compute type); P is returned as the
 // kept scores when `keep`, else dropped (an empty (B, 0, 0) tensor is returned).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Tensor& theta,
@@ -488,14 +510,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Te
   use_packed_path(kt);  // a bad NONLOCAL_KERNELS_CPU_GEMM or _MKL_PACK is reported here too
   mkl_pack_enabled();
   const at::Tensor gc = in_compute_type(g);
-  at::Tensor P = at::bmm(in_compute_type(theta), in_compute_type(phi).transpose(1, 2));
+  // The scores: a new tensor when kept, else call arena memory.
+  const at::ScalarType ct = compute_type(theta.scalar_type());
+  at::Tensor P;
+  if (keep) {
+    P = at::empty({B, N, M}, opts_a);
+  } else {
+    call_arena.reserve(arena_bytes({B, N, M}, ct));
+    P = arena_tensor({B, N, M}, ct);
+  }
+  at::bmm_out(P, in_compute_type(theta), in_compute_type(phi).transpose(1, 2));
   TORCH_INTERNAL_ASSERT(P.is_contiguous() && lse.is_contiguous());
   const DType dtype = to_dtype(theta, "theta");
   at::parallel_for(0, B * N, row_grain(M), [&](int64_t r0, int64_t r1) {
     kt.softmax_rows(dtype, P.mutable_data_ptr(), M, scale, lse.mutable_data_ptr(), r0, r1);
   });
   bmm_into(y, P, gc);
-  return {y, lse, keep ? P : at::empty({B, 0, 0}, opts_a)};
+  if (!keep) {
+    P = at::empty({B, 0, 0}, opts_a);
+    call_arena.trim(kCallArenaKeepBytes);
+  }
+  return {y, lse, P};
 }
 
 // scores: softmax_keep_fwd's third output: its P (B, N, M) when it kept them, else (B, 0, 0)
@@ -530,8 +565,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
   at::Tensor extra;
   if (zero_cols.any().item<bool>())
     extra = (dy.to(at::kDouble) * y.to(at::kDouble) * zero_cols.unsqueeze(1)).sum(-1).contiguous();
-  at::Tensor dS = at::bmm(dyc, gc.transpose(1, 2));  // dP, then scale * dS in place
-  TORCH_INTERNAL_ASSERT(dS.is_contiguous());
+  // dS (dP, then scale * dS in place) and dg_into's product: call arena memory.
+  const at::ScalarType ct = compute_type(theta.scalar_type());
+  const int64_t dv = g.size(2);
+  const bool via_product = dg_via_product(dg, scores);
+  call_arena.reserve(arena_bytes({B, N, M}, ct) +
+                     (via_product ? arena_bytes({B, M, dv}, ct) : 0));
+  at::Tensor dS = arena_tensor({B, N, M}, ct);
+  at::Tensor prod = via_product ? arena_tensor({B, M, dv}, ct) : at::Tensor();
+  at::bmm_out(dS, dyc, gc.transpose(1, 2));
   const KernelTable& kt = kernels();
   const DType dtype = to_dtype(theta, "theta");
   const double* extra_p = extra.defined() ? extra.const_data_ptr<double>() : nullptr;
@@ -541,7 +583,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
   });
   bmm_into(dtheta, dS, phc);
   bmm_into(dphi, dS.transpose(1, 2), thc);
-  dg_into(dg, scores, dyc, kt);
+  dg_into(dg, scores, dyc, prod, kt);
+  call_arena.trim(kCallArenaKeepBytes);
   return {dtheta, dphi, dg};
 }
 
