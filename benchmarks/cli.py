@@ -18,7 +18,7 @@ from nonlocal_kernels import modes
 from nonlocal_kernels.progress import Progress
 
 from .cases import PRESETS, parse_shape
-from .runner import measure, measure_in_subprocess, time_interleaved
+from .runner import KEEP_HEAP_ENV, measure, measure_in_subprocess, time_interleaved
 
 
 
@@ -121,6 +121,11 @@ def parse_args(argv=None):
     p.add_argument("--settle", type=int, default=1, help="untimed calls of a method right "
                    "before each of its timed calls (the allocator then holds that method's own "
                    "buffers, as in a loop of it alone; 0: a timed call follows another method's)")
+    p.add_argument("--cpu-heap", default="keep", choices=["keep", "default"],
+                   help="glibc's heap in CPU timing processes: keep (never handed back to the "
+                   "OS, blocks up to 32 MiB from the heap, so no timed call pays page faults for "
+                   "another method's frees; benchmarks/runner.py KEEP_HEAP_ENV) or default "
+                   "(glibc's own thresholds, or the MALLOC_* variables of this environment)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed rounds per step "
                    "and method; stops repeating early past it")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per CPU case process")
@@ -193,11 +198,15 @@ def main(argv=None) -> int:
                         steps=timed, repeats=args.repeats, warmup=args.warmup,
                         settle=args.settle, budget_s=args.budget)
             res = (time_interleaved(spec) if device.type == "cuda" else
-                   measure_in_subprocess(spec, args.timeout * len(methods), args.mem_limit_gb))
+                   measure_in_subprocess(spec, args.timeout * len(methods), args.mem_limit_gb,
+                                         KEEP_HEAP_ENV if args.cpu_heap == "keep" else None))
+            malloc_env = res.pop("malloc_env", None)
             for m in spec["methods"]:
                 r = dict(res.get(m, {"status": "timing: " + res.get("status", "no result")}))
                 status = r.pop("status", "ok")
                 case_rows[m].update(r)
+                if malloc_env is not None:
+                    case_rows[m]["timing_malloc_env"] = malloc_env
                 if status != "ok" and case_rows[m]["status"] == "ok":
                     case_rows[m]["status"] = status
         progress.clear()  # a live line leaves the terminal to the rows printed below
@@ -212,11 +221,16 @@ def main(argv=None) -> int:
 
     table = format_table(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    heap_note = ("" if device.type == "cuda" else
+                 "; CPU timing processes keep glibc's heap (" +
+                 " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items()) + ")"
+                 if args.cpu_heap == "keep" else "; CPU timing processes with glibc's heap "
+                 "as configured in the environment")
     header = (f"mode `{args.mode}`, dtype {dtype}, device {device.type}, {stamp}\n\n"
               f"Machine: {machine}\n\nTimes are medians over rounds that call every method "
               f"once on the same inputs (order rotated each round; each timed call right "
               f"after {args.settle} untimed call(s) of the same method), after {args.warmup} "
-              f"warm-up rounds; peak memory is the "
+              f"warm-up rounds{heap_note}; peak memory is the "
               f"growth over the inputs (CPU: peak RSS of a fresh process per case; CUDA: "
               f"max_memory_allocated). TFLOP/s count 2·N·M·(dk+dv) per batch forward, 3.5x "
               f"that forward+backward.\n")

@@ -186,7 +186,9 @@ def time_interleaved(spec: dict) -> dict:
     its own come back fresh, at a page fault and a page clear per 4 KiB. At (2, 784, 196, 256,
     1024) the second call of every round took 1.0 ms (cpu) and 1.9 ms (naive) longer than
     the first, out of 3-4 ms, and with half the rounds in each mode the medians moved by up to
-    15% between runs (benchmarks/results/cpu-mkl-pack-2026-12-01.md, section 3).
+    15% between runs (benchmarks/results/cpu-mkl-pack-2026-12-01.md, section 3). One settle
+    call does not always suffice; the CLI's CPU timing processes also keep glibc's heap
+    (KEEP_HEAP_ENV).
 
     The warm-up matters on CPU: in a fresh process the first 3-4 calls of every method (naive,
     sdpa and ours alike) are 15-50% slower than the later ones
@@ -242,9 +244,24 @@ def time_interleaved(spec: dict) -> dict:
     return out
 
 
-def measure_in_subprocess(spec: dict, timeout_s: float, mem_limit_gb: float) -> dict:
-    """measure(spec), or time_interleaved(spec) when spec names "methods", in a fresh process."""
-    env = dict(os.environ, NONLOCAL_KERNELS_BENCH_MEM_LIMIT_GB=str(mem_limit_gb))
+# glibc's settings for CPU timing processes with the heap kept (--cpu-heap keep): blocks up to
+# 32 MiB (glibc's largest settable mmap threshold) come from the heap, and the heap is never
+# handed back to the OS. After the warm-up rounds no timed call then pays page faults for
+# memory that another method freed: with glibc's defaults (a threshold that follows the largest
+# block freed, a trim past twice that) whether a call gets fresh pages depends on the calls
+# before it, and at (2, 784, 196, 64, 2048) 3-9 of 35 settled forward+backward calls took
+# 3104-3136 page faults (3-4 ms of 15) in an order that differs between methods
+# (benchmarks/results/cpu-steady-heap-2026-12-01.md). Blocks above 32 MiB are mapped afresh at
+# every call, by every method alike.
+KEEP_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def measure_in_subprocess(spec: dict, timeout_s: float, mem_limit_gb: float,
+                          env_extra: dict = None) -> dict:
+    """measure(spec), or time_interleaved(spec) when spec names "methods", in a fresh process
+    (with env_extra added to its environment)."""
+    env = dict(os.environ, NONLOCAL_KERNELS_BENCH_MEM_LIMIT_GB=str(mem_limit_gb),
+               **(env_extra or {}))
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout_s, env=env,
@@ -269,6 +286,9 @@ def _main(argv: list) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     result = time_interleaved(spec) if "methods" in spec else measure(spec)
+    if "methods" in spec:  # the allocator settings the times were taken with
+        result["malloc_env"] = {k: os.environ[k] for k in sorted(os.environ)
+                                if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 

@@ -40,6 +40,24 @@ def test_cli_measures_every_method_and_writes_table_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_cli_cpu_timing_processes_keep_the_heap_unless_told_not_to(tmp_path, monkeypatch):
+    """--cpu-heap keep (the default) runs the CPU timing process with KEEP_HEAP_ENV, and the
+    rows and results.md say so; --cpu-heap default passes this environment's MALLOC_* on."""
+    from benchmarks.runner import KEEP_HEAP_ENV
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    here = {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    args = ("--shape", "1,24,16,8,8", "--backends", "naive", "--repeats", "1", "--warmup", "0",
+            "--budget", "1", "--no-plots", "--device", "cpu")
+    _, res = run_cli(tmp_path / "keep", *args)
+    assert res["rows"][0]["timing_malloc_env"] == dict(here, **KEEP_HEAP_ENV)
+    assert "keep glibc's heap (MALLOC_MMAP_THRESHOLD_=33554432" in (
+        tmp_path / "keep" / "results.md").read_text()
+    _, res = run_cli(tmp_path / "default", *args, "--cpu-heap", "default")
+    assert res["rows"][0]["timing_malloc_env"] == here
+    assert "glibc's heap as configured" in (tmp_path / "default" / "results.md").read_text()
+
+
 def test_cli_rows_say_which_cpu_path_ran(tmp_path):
     from nonlocal_kernels.backends import registry
     if registry.get("cpu").unavailable_reason() is not None:
