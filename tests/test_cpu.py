@@ -116,10 +116,10 @@ def test_backward_p_is_the_forwards_softmax(gemm, layout, seeds, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48),
-                                   (1, 64, 700, 2, 3)])
+                                   (1, 64, 700, 2, 3), (1, 70, 1100, 9, 5)])
 def test_default_tiles_ragged_sizes(dtype, shape, path):
-    """Default tile sizes: several key tiles of 256 rows with a ragged last one (tiled path);
-    rows of the score buffer of odd lengths (whole batch)."""
+    """Default tile sizes: several key tiles (256 rows on the vec path, 512 on blas) with a
+    ragged last one (tiled path); rows of the score buffer of odd lengths (whole batch)."""
     theta, phi, g = make_inputs(*shape, dtype=dtype, layout="channels_first")
     assert_all_ok(compare_with_oracle(theta, phi, g, backend="cpu", scale=shape[3] ** -0.5))
 

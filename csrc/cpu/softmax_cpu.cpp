@@ -87,8 +87,8 @@ bool use_packed_path(const KernelTable& kt) {
   return mode != "blas";
 }
 
-// The calling thread's workspace for the B-panels of phi/g and the backward's partial sums,
-// kept between calls up to 64 MiB (see Arena).
+// The calling thread's workspace, kept between calls up to 64 MiB (see Arena): the tiled path's
+// B-panels of phi/g and backward partial sums, the whole-batch path's temporaries.
 thread_local Arena call_arena;
 constexpr size_t kCallArenaKeepBytes = size_t(64) << 20;
 
@@ -210,8 +210,12 @@ const float* pack_key_tiles(const MatView& m, int64_t B, int64_t M, int64_t d, b
 void choose_tiles(int64_t N, int64_t M, int64_t multiple, int64_t width, CpuPlan& plan) {
   // A BLAS call packs both its operands every time: taller query tiles amortise that (BM 256
   // took 5-15% less time than 64 on the BLAS path, same VM and file as above).
+  // Key tiles of 512 rows on the BLAS path: half the tile products and online-softmax passes
+  // of 256, with a 256 x 528 score tile still within L2; forward at (1, 25088, 6272, 256, 256)
+  // 554 ms against 573 (384: 559, 768: 548), forward+backward at (1, 6272, 1568) 127.0 against
+  // 129.4 ms (benchmarks/results/cpu-steady-heap-2026-12-01.md, section 3).
   const int64_t bm0 = env_int("NONLOCAL_KERNELS_CPU_BM", plan.packed ? 64 : 256);
-  int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", 256);
+  int64_t bn = env_int("NONLOCAL_KERNELS_CPU_BN", plan.packed ? 256 : 512);
   const int64_t w = std::max<int64_t>(16, width);  // 16, or the AVX-512 float panel's 32
   bn = (bn + w - 1) / w * w;
   plan.BN = std::min(bn, (M + w - 1) / w * w);
