@@ -249,7 +249,7 @@ def time_interleaved(spec: dict) -> dict:
 # handed back to the OS. After the warm-up rounds no timed call then pays page faults for
 # memory that another method freed: with glibc's defaults (a threshold that follows the largest
 # block freed, a trim past twice that) whether a call gets fresh pages depends on the calls
-# before it, and at (2, 784, 196, 64, 2048) 3-9 of 35 settled forward+backward calls took
+# before it, and at (2, 784, 196, 64, 2048) 2-8 of 35 settled forward+backward calls took
 # 3104-3136 page faults (3-4 ms of 15) in an order that differs between methods
 # (benchmarks/results/cpu-steady-heap-2026-12-01.md). Blocks above 32 MiB are mapped afresh at
 # every call, by every method alike.

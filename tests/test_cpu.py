@@ -328,6 +328,29 @@ def test_whole_batch_path_dg_of_a_wide_g(dtype, layout, M, dv, monkeypatch):
     assert taken and set(taken) == {("softmax", "scores kept")}
 
 
+def test_whole_batch_temporaries_between_calls_of_other_sizes(monkeypatch):
+    """The whole-batch path's scores (forward without grad), dS and dg's product live in the
+    calling thread's arena between calls: calls of other sizes in between (a larger one that
+    regrows it, a smaller one) leave a call's outputs and gradients bit for bit as they were."""
+    use_path(monkeypatch, "whole")
+
+    def run(shape):
+        theta, phi, g = make_inputs(*shape, layout="channels_first")
+        with torch.no_grad():
+            y = nonlocal_attention(theta, phi, g, backend="cpu")
+        leaves = [t.detach().requires_grad_() for t in (theta, phi, g)]
+        nonlocal_attention(*leaves, backend="cpu").backward(torch.ones_like(y))
+        return [y] + [t.grad for t in leaves]
+
+    torch.manual_seed(5)
+    first = run((2, 45, 37, 19, 530))
+    run((2, 90, 70, 5, 600))
+    run((1, 9, 7, 3, 2))
+    torch.manual_seed(5)
+    for a, b in zip(first, run((2, 45, 37, 19, 530))):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(3, 130, 300, 5, 70), (1, 301, 530, 64, 48)])
 def test_both_paths_agree_within_the_rule_and_with_each_other(shape, monkeypatch):
     """The two paths are different algorithms (batched products against tiles), so they round
