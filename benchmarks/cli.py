@@ -221,11 +221,13 @@ def main(argv=None) -> int:
 
     table = format_table(rows)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heap_note = ("" if device.type == "cuda" else
-                 "; CPU timing processes keep glibc's heap (" +
-                 " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items()) + ")"
-                 if args.cpu_heap == "keep" else "; CPU timing processes with glibc's heap "
-                 "as configured in the environment")
+    if device.type == "cuda":
+        heap_note = ""
+    elif args.cpu_heap == "keep":
+        heap_note = ("; CPU timing processes keep glibc's heap ("
+                     + " ".join(f"{k}={v}" for k, v in KEEP_HEAP_ENV.items()) + ")")
+    else:
+        heap_note = "; CPU timing processes with glibc's heap as configured in the environment"
     header = (f"mode `{args.mode}`, dtype {dtype}, device {device.type}, {stamp}\n\n"
               f"Machine: {machine}\n\nTimes are medians over rounds that call every method "
               f"once on the same inputs (order rotated each round; each timed call right "

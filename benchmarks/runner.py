@@ -177,9 +177,10 @@ def time_interleaved(spec: dict) -> dict:
     repeats (timed rounds), warmup (untimed rounds), settle (untimed calls of a method right
     before each of its timed calls, default 0) and budget_s (seconds of timed rounds per method
     and step; at least one round runs). A round calls every method of the step once (after its
-    settle calls), in an order rotated by one each round. Returns {method: {"<step>_ms": float, "<step>_rounds":
-    int, "<step>_round_ms": every call's milliseconds in call order, warm-up rounds first,
-    "status": "<step> timing: ..." when it failed}}; a method that fails is not called again.
+    settle calls), in an order rotated by one each round. Returns {method: {"<step>_ms": float,
+    "<step>_rounds": int, "<step>_round_ms": every call's milliseconds in call order, warm-up
+    rounds first, "status": "<step> timing: ..." when it failed}}; a method that fails is not
+    called again.
 
     settle matters on CPU: without it a call that follows another method's call finds the
     allocator holding that method's buffers (glibc returns large freed blocks to the OS), so

@@ -92,6 +92,16 @@ bool use_packed_path(const KernelTable& kt) {
 thread_local Arena call_arena;
 constexpr size_t kCallArenaKeepBytes = size_t(64) << 20;
 
+// Bytes of call arena for n elements of the compute type of `st` (double for float64, else
+// float), and such a slice of it (after the caller's call_arena.reserve).
+size_t arena_bytes(int64_t n, at::ScalarType st) {
+  return st == at::kDouble ? Arena::bytes_for<double>(n) : Arena::bytes_for<float>(n);
+}
+void* arena_take(int64_t n, at::ScalarType st) {
+  return st == at::kDouble ? static_cast<void*>(call_arena.take<double>(n))
+                           : static_cast<void*>(call_arena.take<float>(n));
+}
+
 // B-panels (kernel layout) of the k x n matrices t[b](r, c) with strides (rs, cs).
 struct PanelSpec {
   const at::Tensor* t;
@@ -102,9 +112,7 @@ struct PanelSpec {
     return (n + width - 1) / width * width * k;
   }
   size_t bytes(const KernelTable& kt) const {
-    const int64_t B = t->size(0), per = per_batch(kt);
-    return t->scalar_type() == at::kDouble ? Arena::bytes_for<double>(B * per)
-                                           : Arena::bytes_for<float>(B * per);
+    return arena_bytes(t->size(0) * per_batch(kt), t->scalar_type());
   }
 };
 
@@ -116,9 +124,7 @@ const void* prepare_panels(const PanelSpec& spec, const KernelTable& kt, int64_t
   const int64_t width = kt.panel_width(dt);
   const int64_t np = (spec.n + width - 1) / width, B = t.size(0);
   per_batch = spec.per_batch(kt);
-  void* dst = t.scalar_type() == at::kDouble
-                  ? static_cast<void*>(call_arena.take<double>(B * per_batch))
-                  : static_cast<void*>(call_arena.take<float>(B * per_batch));
+  void* dst = arena_take(B * per_batch, t.scalar_type());
   const void* src = t.data_ptr();
   const int64_t bs = t.stride(0), pb = per_batch;
   at::parallel_for(0, B * np, 1, [&](int64_t i0, int64_t i1) {
@@ -367,9 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor k_hold, v_hold;
   const int64_t partial_n = B * plan.groups * M * (dk + dv);
-  const size_t partial_bytes = theta.scalar_type() == at::kDouble
-                                   ? Arena::bytes_for<double>(partial_n)
-                                   : Arena::bytes_for<float>(partial_n);
+  const size_t partial_bytes = arena_bytes(partial_n, theta.scalar_type());
   if (plan.packed) {
     const PanelSpec kt_spec{&phi, phi.stride(2), phi.stride(1), dk, M, scale};
     const PanelSpec k_spec{&phi, phi.stride(1), phi.stride(2), M, dk, 1.0};
@@ -391,9 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
   const at::Tensor zero_cols = zero_columns_of(g);
   plan.zero_cols = zero_cols.const_data_ptr<bool>();
-  plan.partial = theta.scalar_type() == at::kDouble
-                     ? static_cast<void*>(call_arena.take<double>(partial_n))
-                     : static_cast<void*>(call_arena.take<float>(partial_n));
+  plan.partial = arena_take(partial_n, theta.scalar_type());
 
   run_tasks(B * plan.groups, [&](TaskQueue& q) { kt.backward(p, plan, q); });
   at::parallel_for(0, B * M, 64, [&](int64_t r0, int64_t r1) { kt.reduce(p, plan, r0, r1); });
@@ -447,16 +449,16 @@ void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 // dg^T = dy^T P written in dg's layout at dv = 512-2048, more than the transpose costs; at
 // dv = 256 0-13%, too little to pay for the transpose everywhere
 // (benchmarks/results/dk-dv-sweep-2026-12-01.md, section 3). Any other dg: bmm_into.
+// dg_via_product says which of the two dg_into does.
 bool dg_via_product(const at::Tensor& dg, const at::Tensor& P) {
   return channels_first(dg) && dg.scalar_type() == P.scalar_type() && dg.size(2) >= 512;
 }
 
-// dg_into's (B, M, dv) product buffer (`prod`: call arena memory when dg_via_product, else
-// undefined).
+// prod: the (B, M, dv) product buffer where dg_via_product, else undefined.
 void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, at::Tensor& prod,
              const KernelTable& kt) {
   const int64_t B = dg.size(0), M = dg.size(1), dv = dg.size(2);
-  if (!dg_via_product(dg, P)) {
+  if (!prod.defined()) {
     bmm_into(dg, P.transpose(1, 2), dy);
     return;
   }
@@ -483,19 +485,11 @@ void dg_into(at::Tensor& dg, const at::Tensor& P, const at::Tensor& dy, at::Tens
 // Rows of a (B, N, M) buffer per task of the row kernels: at least 16 K elements each.
 int64_t row_grain(int64_t M) { return std::max<int64_t>(1, (int64_t(1) << 14) / M); }
 
-// Bytes of call arena a contiguous `sizes` tensor of the compute type `ct` takes.
-size_t arena_bytes(at::IntArrayRef sizes, at::ScalarType ct) {
-  const int64_t n = c10::multiply_integers(sizes);
-  return ct == at::kDouble ? Arena::bytes_for<double>(n) : Arena::bytes_for<float>(n);
-}
-
 // A contiguous `sizes` tensor of the compute type `ct` over call arena memory (after the
 // caller's call_arena.reserve): the whole-batch path's temporaries, valid until the call ends.
 at::Tensor arena_tensor(at::IntArrayRef sizes, at::ScalarType ct) {
-  const int64_t n = c10::multiply_integers(sizes);
-  void* p = ct == at::kDouble ? static_cast<void*>(call_arena.take<double>(n))
-                              : static_cast<void*>(call_arena.take<float>(n));
-  return at::from_blob(p, sizes, at::TensorOptions().dtype(ct));
+  return at::from_blob(arena_take(c10::multiply_integers(sizes), ct), sizes,
+                       at::TensorOptions().dtype(ct));
 }
 
 // y, lse and P = softmax(scale * theta phi^T) (B, N, M, the compute type); P is returned as the
@@ -515,14 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Te
   mkl_pack_enabled();
   const at::Tensor gc = in_compute_type(g);
   // The scores: a new tensor when kept, else call arena memory.
-  const at::ScalarType ct = compute_type(theta.scalar_type());
-  at::Tensor P;
-  if (keep) {
-    P = at::empty({B, N, M}, opts_a);
-  } else {
-    call_arena.reserve(arena_bytes({B, N, M}, ct));
-    P = arena_tensor({B, N, M}, ct);
-  }
+  if (!keep) call_arena.reserve(arena_bytes(B * N * M, theta.scalar_type()));
+  at::Tensor P = keep ? at::empty({B, N, M}, opts_a)
+                      : arena_tensor({B, N, M}, compute_type(theta.scalar_type()));
   at::bmm_out(P, in_compute_type(theta), in_compute_type(phi).transpose(1, 2));
   TORCH_INTERNAL_ASSERT(P.is_contiguous() && lse.is_contiguous());
   const DType dtype = to_dtype(theta, "theta");
@@ -530,11 +519,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_fwd_cpu(const at::Te
     kt.softmax_rows(dtype, P.mutable_data_ptr(), M, scale, lse.mutable_data_ptr(), r0, r1);
   });
   bmm_into(y, P, gc);
-  if (!keep) {
-    P = at::empty({B, 0, 0}, opts_a);
-    call_arena.trim(kCallArenaKeepBytes);
-  }
-  return {y, lse, P};
+  if (keep) return {y, lse, P};
+  call_arena.trim(kCallArenaKeepBytes);
+  return {y, lse, at::empty({B, 0, 0}, opts_a)};
 }
 
 // scores: softmax_keep_fwd's third output: its P (B, N, M) when it kept them, else (B, 0, 0)
@@ -573,8 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_keep_bwd_cpu(
   const at::ScalarType ct = compute_type(theta.scalar_type());
   const int64_t dv = g.size(2);
   const bool via_product = dg_via_product(dg, scores);
-  call_arena.reserve(arena_bytes({B, N, M}, ct) +
-                     (via_product ? arena_bytes({B, M, dv}, ct) : 0));
+  call_arena.reserve(arena_bytes(B * N * M, ct) + (via_product ? arena_bytes(B * M * dv, ct) : 0));
   at::Tensor dS = arena_tensor({B, N, M}, ct);
   at::Tensor prod = via_product ? arena_tensor({B, M, dv}, ct) : at::Tensor();
   at::bmm_out(dS, dyc, gc.transpose(1, 2));
